@@ -1,0 +1,697 @@
+//! The batching algorithm.
+//!
+//! # How it works
+//!
+//! A batcher owns `BUFFERS` buffers of `BATCH` slots. Each buffer is, at any
+//! moment, in exactly one place:
+//!
+//! 1. **free**: on the free list (or never used yet);
+//! 2. **filling**: the current buffer of one producer shard;
+//! 3. **sealed**: in the FIFO queue of batches waiting for the consumer;
+//! 4. **taken**: inside a [`Batch`] guard held by the consumer.
+//!
+//! A producer locks its shard and writes into the shard's current buffer;
+//! only when it needs a new buffer (the first item of a batch) or seals a
+//! full one does it take the queue lock. The consumer takes the queue lock to
+//! pop the oldest sealed batch and again to return the buffer to the free
+//! list when the guard drops. So the queue lock is taken twice per batch, not
+//! once per item, and producers on different shards share no cache line on
+//! their fast path. Lock order is always shard, then queue.
+//!
+//! Buffers are never allocated or freed after construction; items are moved
+//! in on `add` and moved out (or dropped) exactly once by the guard, or by the
+//! batcher's own `Drop`.
+
+use core::marker::PhantomData;
+use core::mem::MaybeUninit;
+
+use crate::batch::Batch;
+use crate::error::{Closed, Full};
+use crate::lock::{RawLock, SpinLock};
+use crate::pad::CachePadded;
+use crate::relax::{Relax, Spin};
+use crate::stats::{Reason, Stats};
+use crate::storage::{ArrayStorage, ShardInner, ShardState, Storage, NONE};
+use crate::sync::{maybe_const_fn, AtomicBool, AtomicUsize, Ordering, UnsafeCell};
+
+/// A batcher with `BUFFERS` buffers of `BATCH` items stored inline and one
+/// producer shard: the type for statics and firmware.
+///
+/// `L` is the lock ([`SpinLock`] by default, [`CsLock`](crate::CsLock) for
+/// interrupt handlers) and `R` the relax hook [`add`](RawBatcher::add) waits
+/// with. See [`RawBatcher`] for the methods.
+pub type Batcher<T, const BATCH: usize, const BUFFERS: usize, L = SpinLock, R = Spin> =
+    RawBatcher<T, ArrayStorage<T, BATCH, BUFFERS, L, 1>, L, R>;
+
+/// A batcher with `SHARDS` producer shards, each filling its own buffer, so
+/// that producers on different cores do not contend for one lock.
+///
+/// Producers pick a shard with [`RawBatcher::producer`]; one producer keeps
+/// its order as long as it keeps to one shard. A partial batch holds a buffer
+/// per shard, so `BUFFERS` should exceed `SHARDS`.
+pub type ShardedBatcher<
+    T,
+    const BATCH: usize,
+    const BUFFERS: usize,
+    const SHARDS: usize,
+    L = SpinLock,
+    R = Spin,
+> = RawBatcher<T, ArrayStorage<T, BATCH, BUFFERS, L, SHARDS>, L, R>;
+
+/// A batcher for a single-core MCU whose interrupt handlers add items:
+/// critical-section lock, busy-loop wait.
+#[cfg(feature = "critical-section")]
+pub type CsBatcher<T, const BATCH: usize, const BUFFERS: usize> =
+    Batcher<T, BATCH, BUFFERS, crate::CsLock, crate::relax::Loop>;
+
+/// What an accepted `add` did, for code that schedules a consumer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Added {
+    /// Items accepted by this call.
+    pub items: usize,
+    /// This call started at least one new batch (its first item went into an
+    /// empty buffer). A linger timer starts here.
+    pub opened: bool,
+    /// This call sealed at least one full batch: there is work for the consumer.
+    pub sealed: bool,
+}
+
+/// The queue lock's data.
+#[derive(Debug)]
+struct Queue {
+    /// Head of the free list, linked through `BufferMeta::next`.
+    free_head: usize,
+    /// Buffers `fresh..` have never been used (they are free too).
+    fresh: usize,
+    /// Free buffers, including never-used ones.
+    free: usize,
+    /// Oldest and newest sealed batch, linked through `BufferMeta::next`.
+    sealed_head: usize,
+    sealed_tail: usize,
+    /// Items in sealed batches.
+    sealed_items: usize,
+    sealed_full: usize,
+    sealed_flush: usize,
+    sealed_tick: usize,
+    taken: usize,
+}
+
+/// State shared by every producer and the consumer, touched once per batch.
+struct Hub<L> {
+    lock: L,
+    queue: UnsafeCell<Queue>,
+    /// Copy of `Queue::free`, read without the lock so that a producer
+    /// waiting for a buffer does not hammer the queue lock.
+    free_hint: AtomicUsize,
+    closed: AtomicBool,
+    refused: AtomicUsize,
+}
+
+/// The batcher, generic over where its buffers live.
+///
+/// Use it through [`Batcher`] (inline, `const`), [`ShardedBatcher`], or the
+/// std shim (`snail-std`), which builds it on [`HeapStorage`](crate::HeapStorage).
+///
+/// Guarantees:
+/// - Items come out exactly once: moved out by [`Batch::drain`], or dropped by
+///   the [`Batch`] guard, or by the batcher's own `Drop`.
+/// - Batches come out in the order they were sealed; a batch sealed because
+///   it was full holds exactly the batch size.
+/// - Items added through one shard come out in the order they were added.
+/// - Producers wait (spin with `R`) when every buffer is in use; the batcher
+///   is not lock-free: a producer preempted inside its shard's lock delays the
+///   others on that shard.
+pub struct RawBatcher<T, S: Storage<T, L>, L = SpinLock, R = Spin> {
+    hub: CachePadded<Hub<L>>,
+    storage: S,
+    _marker: PhantomData<(T, fn() -> R)>,
+}
+
+// SAFETY: the batcher hands items from one thread to another (so `T: Send`),
+// but never gives two threads access to the same item: slots are reached only
+// by the holder of their shard lock, or by the single owner of a taken batch.
+// The locks must be shareable (`L: Sync`).
+unsafe impl<T: Send, S: Storage<T, L> + Send, L: Sync, R> Sync for RawBatcher<T, S, L, R> {}
+
+impl<T, const BATCH: usize, const BUFFERS: usize, L: RawLock, R, const SHARDS: usize>
+    RawBatcher<T, ArrayStorage<T, BATCH, BUFFERS, L, SHARDS>, L, R>
+{
+    maybe_const_fn! {
+        /// Returns an empty batcher. `const`, so it can initialise a `static`.
+        ///
+        /// Sizes are checked at compile time: `BATCH`, `BUFFERS` and `SHARDS`
+        /// must be at least 1 and `SHARDS <= BUFFERS`.
+        ///
+        /// ```compile_fail
+        /// static BAD: snail::Batcher<u8, 0, 2> = snail::Batcher::new();
+        /// ```
+        pub fn new() -> Self {
+            Self {
+                hub: CachePadded(Hub::new(BUFFERS)),
+                storage: ArrayStorage::new(),
+                _marker: PhantomData,
+            }
+        }
+    }
+}
+
+impl<T, const BATCH: usize, const BUFFERS: usize, L: RawLock, R, const SHARDS: usize> Default
+    for RawBatcher<T, ArrayStorage<T, BATCH, BUFFERS, L, SHARDS>, L, R>
+{
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<L: RawLock> Hub<L> {
+    maybe_const_fn! {
+        fn new(buffers: usize) -> Self {
+            Self {
+                #[cfg(not(snail_loom))]
+                lock: L::INIT,
+                #[cfg(snail_loom)]
+                lock: L::new(),
+                queue: UnsafeCell::new(Queue {
+                    free_head: NONE,
+                    fresh: 0,
+                    free: buffers,
+                    sealed_head: NONE,
+                    sealed_tail: NONE,
+                    sealed_items: 0,
+                    sealed_full: 0,
+                    sealed_flush: 0,
+                    sealed_tick: 0,
+                    taken: 0,
+                }),
+                free_hint: AtomicUsize::new(buffers),
+                closed: AtomicBool::new(false),
+                refused: AtomicUsize::new(0),
+            }
+        }
+    }
+
+    /// Runs `f` on the queue with the queue lock held.
+    #[inline(always)]
+    fn with_queue<X>(&self, f: impl FnOnce(&mut Queue) -> X) -> X {
+        self.lock.lock(|| {
+            // SAFETY: the queue lock is held, so this is the only reference.
+            self.queue.with_mut(|q| f(unsafe { &mut *q }))
+        })
+    }
+}
+
+/// Runs `f` on a shard's state with the shard lock held.
+#[inline(always)]
+fn with_shard<L: RawLock, X>(shard: &ShardInner<L>, f: impl FnOnce(&mut ShardState) -> X) -> X {
+    shard.lock.lock(|| {
+        // SAFETY: the shard lock is held, so this is the only reference.
+        shard.state.with_mut(|st| f(unsafe { &mut *st }))
+    })
+}
+
+impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
+    /// Returns an empty batcher over `storage` (for run-time sized
+    /// [`HeapStorage`](crate::HeapStorage); inline storage uses `new`).
+    pub fn with_storage(storage: S) -> Self {
+        Self {
+            hub: CachePadded(Hub::new(storage.metas().len())),
+            storage,
+            _marker: PhantomData,
+        }
+    }
+
+    /// Items per batch.
+    #[inline]
+    pub fn batch_size(&self) -> usize {
+        self.storage.batch()
+    }
+
+    /// Number of buffers.
+    #[inline]
+    pub fn buffers(&self) -> usize {
+        self.storage.metas().len()
+    }
+
+    /// Number of producer shards.
+    #[inline]
+    pub fn shards(&self) -> usize {
+        self.storage.shards().len()
+    }
+
+    /// Most items the batcher ever holds: batch size × buffers.
+    #[inline]
+    pub fn capacity(&self) -> usize {
+        self.batch_size() * self.buffers()
+    }
+
+    /// A handle that adds through shard `shard % self.shards()`.
+    ///
+    /// Items added through one shard keep their order. Producers on
+    /// different cores should use different shards.
+    #[inline]
+    pub fn producer(&self, shard: usize) -> Producer<'_, T, S, L, R> {
+        let shards = self.storage.shards();
+        Producer {
+            batcher: self,
+            shard: &shards[shard % shards.len()],
+        }
+    }
+
+    /// Adds `item` through shard 0 if a buffer has room, without waiting.
+    ///
+    /// Never blocks, except for the short lock of shard 0.
+    ///
+    /// # Errors
+    ///
+    /// [`Full`] with the item when every buffer is in use, or when the
+    /// batcher is closed (a closed batcher is permanently full).
+    #[inline]
+    pub fn try_add(&self, item: T) -> Result<(), Full<T>> {
+        self.producer(0).try_add(item).map(drop)
+    }
+
+    /// Adds `item` through shard 0, waiting with the relax hook `R` while
+    /// every buffer is in use.
+    ///
+    /// It waits until the consumer returns a buffer; if nothing ever takes
+    /// batches (or flushes the partial one a waiting buffer is stuck in),
+    /// it waits forever.
+    ///
+    /// # Errors
+    ///
+    /// [`Closed`] with the item if the batcher is (or becomes) closed.
+    #[inline]
+    pub fn add(&self, item: T) -> Result<(), Closed<T>> {
+        self.producer(0).add(item).map(drop)
+    }
+
+    /// Adds clones of a prefix of `items` through shard 0, as many as fit
+    /// without waiting, and returns how many.
+    pub fn try_add_many(&self, items: &[T]) -> usize
+    where
+        T: Clone,
+    {
+        self.producer(0).try_add_many(items)
+    }
+
+    /// Seals every non-empty partial batch now. Returns `true` if it sealed
+    /// one.
+    pub fn flush(&self) -> bool {
+        let mut sealed = false;
+        for shard in self.storage.shards() {
+            sealed |= with_shard(shard, |st| {
+                let had = st.len > 0;
+                if had {
+                    self.seal(st, Reason::Flush);
+                }
+                had
+            });
+        }
+        sealed
+    }
+
+    /// Call periodically: seals each partial batch that was already non-empty
+    /// at the previous tick, so no item waits longer than two tick periods
+    /// for its batch to be sealed. Returns `true` if it sealed one.
+    pub fn tick(&self) -> bool {
+        let mut sealed = false;
+        for shard in self.storage.shards() {
+            sealed |= with_shard(shard, |st| {
+                if st.len == 0 {
+                    false
+                } else if st.ticked {
+                    self.seal(st, Reason::Tick);
+                    true
+                } else {
+                    st.ticked = true;
+                    false
+                }
+            });
+        }
+        sealed
+    }
+
+    /// Closes the batcher: seals the partial batches and refuses every item
+    /// from now on. Sealed batches can still be taken.
+    pub fn close(&self) {
+        // Relaxed is enough: every shard lock is taken below after this
+        // store, and a producer reads the flag under its shard lock.
+        self.hub.closed.store(true, Ordering::Relaxed);
+        self.flush();
+    }
+
+    /// `true` once [`close`](Self::close) was called.
+    #[inline]
+    pub fn is_closed(&self) -> bool {
+        self.hub.closed.load(Ordering::Acquire)
+    }
+
+    /// Takes the oldest sealed batch, if any. Dropping the guard drops the
+    /// items left in it and hands the buffer back to producers.
+    pub fn try_take(&self) -> Option<Batch<'_, T, S, L, R>> {
+        let metas = self.storage.metas();
+        let (buffer, len) = self.hub.with_queue(|q| {
+            let b = q.sealed_head;
+            if b == NONE {
+                return None;
+            }
+            // SAFETY: the queue lock is held; sealed buffers' metadata is
+            // only touched under it.
+            let (next, len) = unsafe { (metas[b].next.with(|p| *p), metas[b].len.with(|p| *p)) };
+            q.sealed_head = next;
+            if next == NONE {
+                q.sealed_tail = NONE;
+            }
+            q.sealed_items -= len;
+            q.taken = q.taken.wrapping_add(1);
+            Some((b, len))
+        })?;
+        Some(Batch::new(self, buffer, len))
+    }
+
+    /// Items accepted and not yet taken (in partial and sealed batches).
+    /// Exact when nothing runs concurrently, a moment's estimate otherwise.
+    pub fn len(&self) -> usize {
+        let partial: usize = self
+            .storage
+            .shards()
+            .iter()
+            .map(|s| with_shard(s, |st| st.len))
+            .sum();
+        partial + self.hub.with_queue(|q| q.sealed_items)
+    }
+
+    /// `true` if [`len`](Self::len) is 0.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        let added = self.storage.shards().iter().fold(0usize, |sum, s| {
+            sum.wrapping_add(s.added.load(Ordering::Relaxed))
+        });
+        let refused = self.hub.refused.load(Ordering::Relaxed);
+        self.hub.with_queue(|q| Stats {
+            added,
+            refused,
+            sealed_full: q.sealed_full,
+            sealed_flush: q.sealed_flush,
+            sealed_tick: q.sealed_tick,
+            taken: q.taken,
+        })
+    }
+
+    /// The slots of buffer `b`.
+    #[inline(always)]
+    pub(crate) fn buffer_slots(&self, b: usize) -> &[crate::storage::Slot<T>] {
+        let batch = self.storage.batch();
+        &self.storage.slots()[b * batch..(b + 1) * batch]
+    }
+
+    /// Takes a free buffer for a shard, or `None` if there is none or the
+    /// batcher is closed. Called with the shard lock held.
+    #[inline]
+    fn open(&self) -> Option<usize> {
+        let hub = &*self.hub;
+        if hub.closed.load(Ordering::Relaxed) || hub.free_hint.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let metas = self.storage.metas();
+        hub.with_queue(|q| {
+            let b = if q.free_head != NONE {
+                let b = q.free_head;
+                // SAFETY: the queue lock is held; free buffers' metadata is
+                // only touched under it.
+                q.free_head = unsafe { metas[b].next.with(|p| *p) };
+                b
+            } else if q.fresh < metas.len() {
+                q.fresh += 1;
+                q.fresh - 1
+            } else {
+                return None;
+            };
+            q.free -= 1;
+            hub.free_hint.store(q.free, Ordering::Relaxed);
+            Some(b)
+        })
+    }
+
+    /// Moves a shard's current buffer to the tail of the sealed queue.
+    /// Called with the shard lock held, and `st.len > 0`.
+    fn seal(&self, st: &mut ShardState, reason: Reason) {
+        debug_assert!(st.len > 0 && st.current != NONE);
+        let (b, len) = (st.current, st.len);
+        let metas = self.storage.metas();
+        self.hub.with_queue(|q| {
+            // SAFETY: the queue lock is held; `b` is this
+            // shard's buffer and `sealed_tail` a sealed one, whose metadata is
+            // only touched under the queue lock.
+            unsafe {
+                metas[b].len.with_mut(|p| *p = len);
+                metas[b].next.with_mut(|p| *p = NONE);
+            }
+            if q.sealed_tail == NONE {
+                q.sealed_head = b;
+            } else {
+                // SAFETY: as above.
+                unsafe { metas[q.sealed_tail].next.with_mut(|p| *p = b) };
+            }
+            q.sealed_tail = b;
+            q.sealed_items += len;
+            let counter = match reason {
+                Reason::Full => &mut q.sealed_full,
+                Reason::Flush => &mut q.sealed_flush,
+                Reason::Tick => &mut q.sealed_tick,
+            };
+            *counter = counter.wrapping_add(1);
+        });
+        st.current = NONE;
+        st.len = 0;
+        st.ticked = false;
+    }
+
+    /// Returns a taken buffer to the free list.
+    pub(crate) fn recycle(&self, b: usize) {
+        let metas = self.storage.metas();
+        let hub = &*self.hub;
+        hub.with_queue(|q| {
+            // SAFETY: the queue lock is held and `b` was taken, so nobody
+            // else touches its metadata.
+            unsafe { metas[b].next.with_mut(|p| *p = q.free_head) };
+            q.free_head = b;
+            q.free += 1;
+            hub.free_hint.store(q.free, Ordering::Relaxed);
+        });
+    }
+
+    /// Writes items pulled from `next` into the shard, opening and sealing
+    /// buffers as needed, until `next` returns `None` or no buffer is free.
+    /// Returns what was done and the item that found no room, if any.
+    #[inline(always)]
+    fn push_in(
+        &self,
+        shard: &ShardInner<L>,
+        mut next: impl FnMut() -> Option<T>,
+    ) -> (Added, Option<T>) {
+        let batch = self.storage.batch();
+        let slots = self.storage.slots();
+        with_shard(shard, |st| {
+            let mut done = Added::default();
+            while let Some(item) = next() {
+                if st.current == NONE {
+                    match self.open() {
+                        Some(b) => {
+                            st.current = b;
+                            st.ticked = false;
+                            done.opened = true;
+                        }
+                        None => return (done, Some(item)),
+                    }
+                }
+                let index = st.current * batch + st.len;
+                debug_assert!(st.len < batch && index < slots.len());
+                // SAFETY: `current < buffers` and `len < batch`, so `index` is
+                // in bounds. The slot belongs to this shard's open buffer and
+                // lies past its filled part: only the holder of this shard's
+                // lock touches it, and it holds no item to overwrite.
+                unsafe {
+                    slots
+                        .get_unchecked(index)
+                        .with_mut(|p| p.write(MaybeUninit::new(item)));
+                }
+                st.len += 1;
+                done.items += 1;
+                // Only written under the shard lock: a plain store suffices.
+                shard.added.store(
+                    shard.added.load(Ordering::Relaxed).wrapping_add(1),
+                    Ordering::Relaxed,
+                );
+                if st.len == batch {
+                    self.seal(st, Reason::Full);
+                    done.sealed = true;
+                }
+            }
+            (done, None)
+        })
+    }
+
+    fn count_refusal(&self) {
+        self.hub.refused.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl<T, S: Storage<T, L>, L, R> Drop for RawBatcher<T, S, L, R> {
+    fn drop(&mut self) {
+        // `&mut self`: no guard, producer or lock holder is left. Drop the
+        // items of partial batches, then of sealed ones; taken buffers were
+        // emptied by their guards.
+        let batch = self.storage.batch();
+        let slots = self.storage.slots();
+        let metas = self.storage.metas();
+        for shard in self.storage.shards() {
+            // SAFETY: exclusive access (see above).
+            let (current, len) = shard.state.with(|st| unsafe { ((*st).current, (*st).len) });
+            if current != NONE {
+                // SAFETY: the first `len` slots of a shard's buffer hold items,
+                // and nothing reads them after this.
+                unsafe {
+                    crate::storage::drop_slots(&slots[current * batch..current * batch + len])
+                };
+            }
+        }
+        // SAFETY: exclusive access.
+        let mut b = self.hub.queue.with(|q| unsafe { (*q).sealed_head });
+        while b != NONE {
+            // SAFETY: exclusive access; `b` is a sealed buffer whose first
+            // `len` slots hold items, dropped once here.
+            unsafe {
+                let len = metas[b].len.with(|p| *p);
+                crate::storage::drop_slots(&slots[b * batch..b * batch + len]);
+                b = metas[b].next.with(|p| *p);
+            }
+        }
+    }
+}
+
+impl<T, S, L, R> core::fmt::Debug for RawBatcher<T, S, L, R>
+where
+    S: Storage<T, L>,
+    L: RawLock,
+    R: Relax,
+{
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RawBatcher")
+            .field("batch_size", &self.batch_size())
+            .field("buffers", &self.buffers())
+            .field("shards", &self.shards())
+            .field("closed", &self.is_closed())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Adds through one shard of a batcher: from [`RawBatcher::producer`].
+///
+/// Cheap to create and `Copy`; keep one per thread (or per core, or per
+/// interrupt priority) so that its items stay in order and its shard stays
+/// in its core's cache.
+pub struct Producer<'a, T, S: Storage<T, L>, L = SpinLock, R = Spin> {
+    batcher: &'a RawBatcher<T, S, L, R>,
+    shard: &'a ShardInner<L>,
+}
+
+impl<T, S: Storage<T, L>, L, R> Clone for Producer<'_, T, S, L, R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T, S: Storage<T, L>, L, R> Copy for Producer<'_, T, S, L, R> {}
+
+impl<T, S: Storage<T, L>, L, R> core::fmt::Debug for Producer<'_, T, S, L, R> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Producer").finish_non_exhaustive()
+    }
+}
+
+impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Producer<'a, T, S, L, R> {
+    /// The batcher this producer adds to.
+    pub fn batcher(&self) -> &'a RawBatcher<T, S, L, R> {
+        self.batcher
+    }
+
+    /// Adds `item` if a buffer has room, without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`Full`] with the item when every buffer is in use or the batcher is
+    /// closed.
+    #[inline]
+    pub fn try_add(&self, item: T) -> Result<Added, Full<T>> {
+        match self.push(item) {
+            Ok(done) => Ok(done),
+            Err(item) => {
+                self.batcher.count_refusal();
+                Err(Full(item))
+            }
+        }
+    }
+
+    /// Adds `item`, waiting with the relax hook while every buffer is in use.
+    ///
+    /// # Errors
+    ///
+    /// [`Closed`] with the item if the batcher is (or becomes) closed.
+    #[inline]
+    pub fn add(&self, mut item: T) -> Result<Added, Closed<T>> {
+        loop {
+            match self.push(item) {
+                Ok(done) => return Ok(done),
+                Err(back) => item = back,
+            }
+            if self.batcher.is_closed() {
+                return Err(Closed(item));
+            }
+            crate::sync::relax::<R>();
+        }
+    }
+
+    /// Adds clones of a prefix of `items`, as many as fit without waiting,
+    /// under one lock acquisition; returns how many.
+    pub fn try_add_many(&self, items: &[T]) -> usize
+    where
+        T: Clone,
+    {
+        let mut iter = items.iter();
+        let (done, refused) = self.batcher.push_in(self.shard, || iter.next().cloned());
+        if refused.is_some() {
+            self.batcher.count_refusal();
+        }
+        done.items
+    }
+
+    /// Moves items from `iter` into the batcher under one lock acquisition
+    /// until it ends or no buffer has room. Returns what was done and the
+    /// item that found no room (taken from `iter`, handed back).
+    ///
+    /// `iter` runs with the shard lock held: keep it cheap, and never add to
+    /// the same batcher from inside it (that would deadlock).
+    pub fn try_extend<I: Iterator<Item = T>>(&self, iter: &mut I) -> (Added, Option<T>) {
+        let (done, refused) = self.batcher.push_in(self.shard, || iter.next());
+        if refused.is_some() {
+            self.batcher.count_refusal();
+        }
+        (done, refused)
+    }
+
+    #[inline(always)]
+    fn push(&self, item: T) -> Result<Added, T> {
+        let mut item = Some(item);
+        match self.batcher.push_in(self.shard, || item.take()) {
+            (_, Some(back)) => Err(back),
+            (done, None) => Ok(done),
+        }
+    }
+}

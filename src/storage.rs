@@ -1,0 +1,292 @@
+//! Where the batch buffers live.
+//!
+//! The algorithm in [`RawBatcher`](crate::RawBatcher) is written once against
+//! the sealed [`Storage`] trait. Two storages implement it:
+//!
+//! - [`ArrayStorage`]: `BUFFERS` arrays of `BATCH` slots inline, sizes fixed at
+//!   compile time, built by a `const fn` so a batcher can be a `static`.
+//! - [`HeapStorage`] (feature `alloc`): the same layout with sizes chosen at
+//!   run time and allocated once, in [`HeapStorage::new`]. The std shim uses it.
+
+use core::mem::MaybeUninit;
+
+use crate::lock::RawLock;
+use crate::pad::CachePadded;
+use crate::sync::{maybe_const_fn, AtomicUsize, UnsafeCell};
+
+/// Marks "no buffer" in indices and links.
+pub(crate) const NONE: usize = usize::MAX;
+
+/// One item's place in a buffer.
+pub type Slot<T> = UnsafeCell<MaybeUninit<T>>;
+
+maybe_const_fn! {
+    pub(crate) fn empty_slot<T>() -> Slot<T> {
+        UnsafeCell::new(MaybeUninit::uninit())
+    }
+}
+
+/// What the queue lock protects about one buffer: its link in the free list
+/// or the sealed queue, and its length once sealed.
+#[derive(Debug)]
+pub struct BufferMeta {
+    pub(crate) next: UnsafeCell<usize>,
+    pub(crate) len: UnsafeCell<usize>,
+}
+
+impl BufferMeta {
+    maybe_const_fn! {
+        pub(crate) fn new() -> Self {
+            Self { next: UnsafeCell::new(NONE), len: UnsafeCell::new(0) }
+        }
+    }
+}
+
+/// What a shard's lock protects: the buffer its producers are filling.
+#[derive(Debug)]
+pub struct ShardState {
+    /// Index of the buffer being filled, or `NONE`. `len == 0` exactly when
+    /// `current == NONE`: a buffer is opened only to write into it.
+    pub(crate) current: usize,
+    pub(crate) len: usize,
+    /// Set by `tick` when it finds this partial batch; the next tick seals it.
+    pub(crate) ticked: bool,
+}
+
+/// A producer shard: a lock, the partial batch it guards, and its counter of
+/// added items. Padded so that shards on different cores share no line.
+#[derive(Debug)]
+pub struct ShardInner<L> {
+    pub(crate) lock: L,
+    pub(crate) state: UnsafeCell<ShardState>,
+    /// Items added through this shard, written only under `lock`.
+    pub(crate) added: AtomicUsize,
+}
+
+pub type Shard<L> = CachePadded<ShardInner<L>>;
+
+maybe_const_fn! {
+    pub(crate) fn new_shard<L: RawLock>() -> Shard<L> {
+        CachePadded(ShardInner {
+            #[cfg(not(snail_loom))]
+            lock: L::INIT,
+            #[cfg(snail_loom)]
+            lock: L::new(),
+            state: UnsafeCell::new(ShardState { current: NONE, len: 0, ticked: false }),
+            added: AtomicUsize::new(0),
+        })
+    }
+}
+
+pub(crate) mod sealed {
+    use super::{BufferMeta, Shard, Slot};
+
+    /// The accessors the algorithm uses; sealed so that only this crate's
+    /// storages, whose slices never change, implement [`super::Storage`].
+    pub trait StorageImpl<T, L> {
+        /// Items per buffer, at least 1.
+        fn batch(&self) -> usize;
+        /// `batch() * metas().len()` slots; buffer `b` is `b*batch..(b+1)*batch`.
+        fn slots(&self) -> &[Slot<T>];
+        /// One entry per buffer, at least 1.
+        fn metas(&self) -> &[BufferMeta];
+        /// At least 1 and at most `metas().len()` shards.
+        fn shards(&self) -> &[Shard<L>];
+    }
+}
+
+/// Storage for a batcher's buffers; implemented by [`ArrayStorage`] and
+/// [`HeapStorage`] only.
+pub trait Storage<T, L>: sealed::StorageImpl<T, L> {}
+
+/// `BUFFERS` buffers of `BATCH` items and `SHARDS` producer shards, inline.
+///
+/// Memory: `BATCH * BUFFERS * size_of::<T>()` for the items, two words per
+/// buffer, and one (cache-padded on multi-core targets) shard header each.
+pub struct ArrayStorage<T, const BATCH: usize, const BUFFERS: usize, L, const SHARDS: usize = 1> {
+    shards: [Shard<L>; SHARDS],
+    metas: [BufferMeta; BUFFERS],
+    slots: [[Slot<T>; BATCH]; BUFFERS],
+}
+
+impl<T, const BATCH: usize, const BUFFERS: usize, L: RawLock, const SHARDS: usize>
+    ArrayStorage<T, BATCH, BUFFERS, L, SHARDS>
+{
+    #[cfg(not(snail_loom))]
+    pub(crate) const fn new() -> Self {
+        const {
+            assert!(BATCH > 0, "BATCH must be at least 1");
+            assert!(BUFFERS > 0, "BUFFERS must be at least 1");
+            assert!(SHARDS > 0, "SHARDS must be at least 1");
+            assert!(SHARDS <= BUFFERS, "SHARDS must not exceed BUFFERS");
+            assert!(
+                BUFFERS < usize::MAX / BATCH,
+                "BATCH * BUFFERS overflows usize"
+            );
+        }
+        Self {
+            shards: [const { new_shard::<L>() }; SHARDS],
+            metas: [const { BufferMeta::new() }; BUFFERS],
+            slots: [const { [const { empty_slot::<T>() }; BATCH] }; BUFFERS],
+        }
+    }
+
+    #[cfg(snail_loom)]
+    pub(crate) fn new() -> Self {
+        assert!(BATCH > 0 && BUFFERS > 0 && SHARDS > 0 && SHARDS <= BUFFERS);
+        Self {
+            shards: core::array::from_fn(|_| new_shard::<L>()),
+            metas: core::array::from_fn(|_| BufferMeta::new()),
+            slots: core::array::from_fn(|_| core::array::from_fn(|_| empty_slot::<T>())),
+        }
+    }
+}
+
+impl<T, const BATCH: usize, const BUFFERS: usize, L, const SHARDS: usize> sealed::StorageImpl<T, L>
+    for ArrayStorage<T, BATCH, BUFFERS, L, SHARDS>
+{
+    #[inline(always)]
+    fn batch(&self) -> usize {
+        BATCH
+    }
+    #[inline(always)]
+    fn slots(&self) -> &[Slot<T>] {
+        self.slots.as_flattened()
+    }
+    #[inline(always)]
+    fn metas(&self) -> &[BufferMeta] {
+        &self.metas
+    }
+    #[inline(always)]
+    fn shards(&self) -> &[Shard<L>] {
+        &self.shards
+    }
+}
+
+impl<T, const BATCH: usize, const BUFFERS: usize, L, const SHARDS: usize> Storage<T, L>
+    for ArrayStorage<T, BATCH, BUFFERS, L, SHARDS>
+{
+}
+
+/// Buffers and shards sized at run time, allocated once by [`HeapStorage::new`].
+#[cfg(feature = "alloc")]
+pub struct HeapStorage<T, L> {
+    batch: usize,
+    shards: alloc::boxed::Box<[Shard<L>]>,
+    metas: alloc::boxed::Box<[BufferMeta]>,
+    slots: alloc::boxed::Box<[Slot<T>]>,
+}
+
+/// Why [`HeapStorage::new`] refused its sizes.
+#[cfg(feature = "alloc")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeError {
+    /// `batch` was 0.
+    ZeroBatch,
+    /// `buffers` was 0.
+    ZeroBuffers,
+    /// `shards` was 0 or more than `buffers`.
+    Shards,
+    /// `batch * buffers` slots do not fit in memory (`isize::MAX` bytes).
+    TooLarge,
+}
+
+#[cfg(feature = "alloc")]
+impl core::fmt::Display for SizeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            SizeError::ZeroBatch => "batch size must be at least 1",
+            SizeError::ZeroBuffers => "at least one buffer is needed",
+            SizeError::Shards => "shards must be between 1 and the number of buffers",
+            SizeError::TooLarge => "batch size times buffers does not fit in memory",
+        })
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl core::error::Error for SizeError {}
+
+#[cfg(feature = "alloc")]
+impl<T, L: RawLock> HeapStorage<T, L> {
+    /// Allocates `buffers` buffers of `batch` items and `shards` shards.
+    ///
+    /// # Errors
+    ///
+    /// [`SizeError`] for a zero size, `shards > buffers`, or a total that does
+    /// not fit in memory. Allocation failure itself aborts, as for `Vec`.
+    pub fn new(batch: usize, buffers: usize, shards: usize) -> Result<Self, SizeError> {
+        use alloc::vec::Vec;
+        if batch == 0 {
+            return Err(SizeError::ZeroBatch);
+        }
+        if buffers == 0 {
+            return Err(SizeError::ZeroBuffers);
+        }
+        if shards == 0 || shards > buffers {
+            return Err(SizeError::Shards);
+        }
+        let total = batch.checked_mul(buffers).ok_or(SizeError::TooLarge)?;
+        let bytes = total
+            .checked_mul(core::mem::size_of::<T>())
+            .ok_or(SizeError::TooLarge)?;
+        if bytes > isize::MAX as usize {
+            return Err(SizeError::TooLarge);
+        }
+        Ok(Self {
+            batch,
+            shards: (0..shards).map(|_| new_shard::<L>()).collect(),
+            metas: (0..buffers).map(|_| BufferMeta::new()).collect(),
+            slots: (0..total)
+                .map(|_| empty_slot::<T>())
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        })
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<T, L> sealed::StorageImpl<T, L> for HeapStorage<T, L> {
+    #[inline(always)]
+    fn batch(&self) -> usize {
+        self.batch
+    }
+    #[inline(always)]
+    fn slots(&self) -> &[Slot<T>] {
+        &self.slots
+    }
+    #[inline(always)]
+    fn metas(&self) -> &[BufferMeta] {
+        &self.metas
+    }
+    #[inline(always)]
+    fn shards(&self) -> &[Shard<L>] {
+        &self.shards
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<T, L> Storage<T, L> for HeapStorage<T, L> {}
+
+/// Drops the items in `slots`, in order; if one panics the rest are still
+/// dropped (as for a slice).
+///
+/// # Safety
+///
+/// Every slot holds an initialised item, no one else accesses these slots
+/// meanwhile, and none of them is read again as initialised afterwards.
+pub(crate) unsafe fn drop_slots<T>(slots: &[Slot<T>]) {
+    #[cfg(not(snail_loom))]
+    {
+        // `Slot<T>` is a chain of `repr(transparent)` wrappers around `T`,
+        // and `UnsafeCell` permits writing through a shared slice of it.
+        let items = core::ptr::slice_from_raw_parts_mut(slots.as_ptr() as *mut T, slots.len());
+        // SAFETY: the caller guarantees the items are initialised, unshared
+        // and dropped only here.
+        unsafe { core::ptr::drop_in_place(items) }
+    }
+    #[cfg(snail_loom)]
+    for slot in slots {
+        // SAFETY: as above, one slot at a time.
+        slot.with_mut(|p| unsafe { (*p).assume_init_drop() });
+    }
+}
