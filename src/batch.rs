@@ -65,7 +65,6 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Batch<'a, T, S, L, R> {
     }
 }
 
-#[cfg(not(snail_loom))]
 impl<T, S: Storage<T, L>, L: RawLock, R: Relax> core::ops::Deref for Batch<'_, T, S, L, R> {
     type Target = [T];
 
@@ -79,7 +78,6 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> core::ops::Deref for Batch<'_, T
     }
 }
 
-#[cfg(not(snail_loom))]
 impl<T, S: Storage<T, L>, L: RawLock, R: Relax> core::ops::DerefMut for Batch<'_, T, S, L, R> {
     #[inline]
     fn deref_mut(&mut self) -> &mut [T] {
@@ -90,7 +88,6 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> core::ops::DerefMut for Batch<'_
     }
 }
 
-#[cfg(not(snail_loom))]
 impl<T: core::fmt::Debug, S: Storage<T, L>, L: RawLock, R: Relax> core::fmt::Debug
     for Batch<'_, T, S, L, R>
 {
@@ -139,7 +136,7 @@ impl<T> Iterator for Drain<'_, T> {
         self.pos += 1;
         // SAFETY: slots at and after `pos` hold items this drain owns; `pos`
         // moved past this one, so it is read exactly once.
-        Some(slot.with(|p| unsafe { (*p).assume_init_read() }))
+        Some(unsafe { slot.get().read() })
     }
 
     #[inline]

@@ -23,7 +23,6 @@
 //! batcher's own `Drop`.
 
 use core::marker::PhantomData;
-use core::mem::MaybeUninit;
 
 use crate::batch::Batch;
 use crate::error::{Closed, Full};
@@ -516,11 +515,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                 // in bounds. The slot belongs to this shard's open buffer and
                 // lies past its filled part: only the holder of this shard's
                 // lock touches it, and it holds no item to overwrite.
-                unsafe {
-                    slots
-                        .get_unchecked(index)
-                        .with_mut(|p| p.write(MaybeUninit::new(item)));
-                }
+                unsafe { slots.get_unchecked(index).get().write(item) };
                 st.len += 1;
                 done.items += 1;
                 // Only written under the shard lock: a plain store suffices.

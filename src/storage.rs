@@ -18,11 +18,24 @@ use crate::sync::{maybe_const_fn, AtomicUsize, UnsafeCell};
 pub(crate) const NONE: usize = usize::MAX;
 
 /// One item's place in a buffer.
-pub type Slot<T> = UnsafeCell<MaybeUninit<T>>;
+///
+/// Always a plain `core::cell::UnsafeCell`, also under loom: consumers see a
+/// batch as one `&[T]`, which needs `Slot<T>` to have the layout of `T`.
+/// Access to slots is ordered by the shard and queue locks, whose state loom
+/// does track.
+#[repr(transparent)]
+pub struct Slot<T>(core::cell::UnsafeCell<MaybeUninit<T>>);
 
-maybe_const_fn! {
-    pub(crate) fn empty_slot<T>() -> Slot<T> {
-        UnsafeCell::new(MaybeUninit::uninit())
+impl<T> Slot<T> {
+    pub(crate) const fn new() -> Self {
+        Self(core::cell::UnsafeCell::new(MaybeUninit::uninit()))
+    }
+
+    /// The item's place; the caller decides when reading or writing it is
+    /// sound.
+    #[inline(always)]
+    pub(crate) fn get(&self) -> *mut T {
+        self.0.get().cast()
     }
 }
 
@@ -127,7 +140,7 @@ impl<T, const BATCH: usize, const BUFFERS: usize, L: RawLock, const SHARDS: usiz
         Self {
             shards: [const { new_shard::<L>() }; SHARDS],
             metas: [const { BufferMeta::new() }; BUFFERS],
-            slots: [const { [const { empty_slot::<T>() }; BATCH] }; BUFFERS],
+            slots: [const { [const { Slot::<T>::new() }; BATCH] }; BUFFERS],
         }
     }
 
@@ -137,7 +150,7 @@ impl<T, const BATCH: usize, const BUFFERS: usize, L: RawLock, const SHARDS: usiz
         Self {
             shards: core::array::from_fn(|_| new_shard::<L>()),
             metas: core::array::from_fn(|_| BufferMeta::new()),
-            slots: core::array::from_fn(|_| core::array::from_fn(|_| empty_slot::<T>())),
+            slots: [const { [const { Slot::<T>::new() }; BATCH] }; BUFFERS],
         }
     }
 }
@@ -237,7 +250,7 @@ impl<T, L: RawLock> HeapStorage<T, L> {
             shards: (0..shards).map(|_| new_shard::<L>()).collect(),
             metas: (0..buffers).map(|_| BufferMeta::new()).collect(),
             slots: (0..total)
-                .map(|_| empty_slot::<T>())
+                .map(|_| Slot::<T>::new())
                 .collect::<Vec<_>>()
                 .into_boxed_slice(),
         })
@@ -275,18 +288,11 @@ impl<T, L> Storage<T, L> for HeapStorage<T, L> {}
 /// Every slot holds an initialised item, no one else accesses these slots
 /// meanwhile, and none of them is read again as initialised afterwards.
 pub(crate) unsafe fn drop_slots<T>(slots: &[Slot<T>]) {
-    #[cfg(not(snail_loom))]
-    {
-        // `Slot<T>` is a chain of `repr(transparent)` wrappers around `T`,
-        // and `UnsafeCell` permits writing through a shared slice of it.
-        let items = core::ptr::slice_from_raw_parts_mut(slots.as_ptr() as *mut T, slots.len());
-        // SAFETY: the caller guarantees the items are initialised, unshared
-        // and dropped only here.
-        unsafe { core::ptr::drop_in_place(items) }
-    }
-    #[cfg(snail_loom)]
-    for slot in slots {
-        // SAFETY: as above, one slot at a time.
-        slot.with_mut(|p| unsafe { (*p).assume_init_drop() });
-    }
+    // `Slot<T>` is `repr(transparent)` around `UnsafeCell<MaybeUninit<T>>`,
+    // so a slot slice has the layout of `[T]`, and `UnsafeCell` permits
+    // writing through a shared slice of it.
+    let items = core::ptr::slice_from_raw_parts_mut(slots.as_ptr() as *mut T, slots.len());
+    // SAFETY: the caller guarantees the items are initialised, unshared and
+    // dropped only here.
+    unsafe { core::ptr::drop_in_place(items) }
 }
