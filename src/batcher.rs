@@ -640,16 +640,34 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Producer<'a, T, S, L, R> {
     ///
     /// [`Closed`] with the item if the batcher is (or becomes) closed.
     #[inline]
-    pub fn add(&self, mut item: T) -> Result<Added, Closed<T>> {
+    pub fn add(&self, item: T) -> Result<Added, Closed<T>> {
+        self.add_with(item, || {
+            crate::sync::relax::<R>();
+            true
+        })
+        .map_err(|Full(item)| Closed(item))
+    }
+
+    /// Adds `item`, calling `wait` after each attempt that found every
+    /// buffer in use; gives up when `wait` returns `false` or the batcher is
+    /// closed. For callers with their own way of waiting (the std shim spins,
+    /// then yields, then sleeps). Refusals here are not counted in
+    /// [`Stats::refused`].
+    ///
+    /// # Errors
+    ///
+    /// [`Full`] with the item when `wait` gave up or the batcher is closed
+    /// (check [`RawBatcher::is_closed`] to tell which).
+    #[inline]
+    pub fn add_with(&self, mut item: T, mut wait: impl FnMut() -> bool) -> Result<Added, Full<T>> {
         loop {
             match self.push(item) {
                 Ok(done) => return Ok(done),
                 Err(back) => item = back,
             }
-            if self.batcher.is_closed() {
-                return Err(Closed(item));
+            if self.batcher.is_closed() || !wait() {
+                return Err(Full(item));
             }
-            crate::sync::relax::<R>();
         }
     }
 
