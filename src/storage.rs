@@ -200,7 +200,8 @@ pub enum SizeError {
     ZeroBuffers,
     /// `shards` was 0 or more than `buffers`.
     Shards,
-    /// `batch * buffers` slots do not fit in memory (`isize::MAX` bytes).
+    /// `batch * buffers` slots do not fit in memory: more than `isize::MAX`
+    /// bytes, or the allocator refused them.
     TooLarge,
 }
 
@@ -226,7 +227,7 @@ impl<T, L: RawLock> HeapStorage<T, L> {
     /// # Errors
     ///
     /// [`SizeError`] for a zero size, `shards > buffers`, or a total that does
-    /// not fit in memory. Allocation failure itself aborts, as for `Vec`.
+    /// not fit in memory (including an allocator that refuses the buffers).
     pub fn new(batch: usize, buffers: usize, shards: usize) -> Result<Self, SizeError> {
         use alloc::vec::Vec;
         if batch == 0 {
@@ -245,14 +246,14 @@ impl<T, L: RawLock> HeapStorage<T, L> {
         if bytes > isize::MAX as usize {
             return Err(SizeError::TooLarge);
         }
+        let mut slots = Vec::new();
+        slots.try_reserve_exact(total).map_err(|_| SizeError::TooLarge)?;
+        slots.extend((0..total).map(|_| Slot::<T>::new()));
         Ok(Self {
             batch,
             shards: (0..shards).map(|_| new_shard::<L>()).collect(),
             metas: (0..buffers).map(|_| BufferMeta::new()).collect(),
-            slots: (0..total)
-                .map(|_| Slot::<T>::new())
-                .collect::<Vec<_>>()
-                .into_boxed_slice(),
+            slots: slots.into_boxed_slice(),
         })
     }
 }
