@@ -369,6 +369,11 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
         Some(Batch::new(self, buffer, len))
     }
 
+    /// `true` if a sealed batch is waiting to be taken.
+    pub fn has_sealed(&self) -> bool {
+        self.hub.with_queue(|q| q.sealed_head != NONE)
+    }
+
     /// Items accepted and not yet taken (in partial and sealed batches).
     /// Exact when nothing runs concurrently, a moment's estimate otherwise.
     pub fn len(&self) -> usize {

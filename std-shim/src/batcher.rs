@@ -1,0 +1,577 @@
+//! The std batcher: the core algorithm plus a worker thread, linger and
+//! sleeping back-pressure.
+
+use std::cell::Cell;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use snail::relax::Yield;
+use snail::{Added, Full, HeapStorage, RawBatcher, SizeError, SpinLock};
+
+use crate::error::{BuildError, Closed, HandlerPanicked, TryAddError};
+
+type Lock = SpinLock<Yield>;
+type Storage<T> = HeapStorage<T, Lock>;
+pub(crate) type Core<T> = RawBatcher<T, Storage<T>, Lock, Yield>;
+
+/// One batch, as the handler sees it: derefs to `[T]` and `&mut [T]`;
+/// [`drain`](snail::Batch::drain) moves the items out. What the handler
+/// leaves in it is dropped after the handler returns.
+pub type Batch<'a, T> = snail::Batch<'a, T, Storage<T>, Lock, Yield>;
+
+/// Failed attempts spent spinning, then yielding, before a blocked `add`
+/// sleeps.
+const SPINS: u32 = 32;
+const YIELDS: u32 = 16;
+/// A sleeping `add` re-checks at least this often (a safety net; wake-ups
+/// normally come from the worker).
+const SLEEP_SLICE: Duration = Duration::from_millis(100);
+
+/// What the worker delivered, from [`Batcher::close`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Report {
+    /// Items handed to the handler.
+    pub items: u64,
+    /// Batches handed to the handler.
+    pub batches: u64,
+    /// Batches for which the handler returned an error.
+    pub handler_errors: u64,
+}
+
+/// A snapshot of a batcher's counters, from [`Batcher::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Items accepted.
+    pub added: u64,
+    /// `try_add` calls refused because every buffer was in use.
+    pub refused: u64,
+    /// Batches sealed because they were full.
+    pub sealed_full: u64,
+    /// Partial batches sealed by `flush`, linger or close.
+    pub sealed_partial: u64,
+    /// Of those, sealed because their linger ran out.
+    pub lingered: u64,
+    /// Items accepted and not yet handed to the worker.
+    pub held: u64,
+    /// What the worker delivered so far.
+    pub delivered: Report,
+}
+
+/// State shared by the producers, the worker and the owner.
+pub(crate) struct Shared<T> {
+    pub(crate) core: Core<T>,
+    /// `None`: partial batches wait for `flush` or close.
+    pub(crate) linger: Option<Duration>,
+    pub(crate) start: Instant,
+    /// When the oldest partial batch got its first item: nanoseconds since
+    /// `start`, plus one; 0 when no partial batch is known.
+    pub(crate) oldest: AtomicU64,
+    /// The worker is about to park or parked: unpark it after sealing.
+    pub(crate) worker_idle: AtomicBool,
+    pub(crate) worker: OnceLock<Thread>,
+    /// Set after `core.close()` returned: every accepted item is sealed.
+    pub(crate) closing: AtomicBool,
+    /// Producers sleeping (or about to) until a buffer is freed.
+    waiters: AtomicUsize,
+    /// Bumped whenever a buffer is freed or the batcher closes.
+    freed: AtomicUsize,
+    wait_lock: Mutex<()>,
+    wait_cv: Condvar,
+    pub(crate) delivered_items: AtomicU64,
+    pub(crate) delivered_batches: AtomicU64,
+    pub(crate) handler_errors: AtomicU64,
+    pub(crate) lingered: AtomicU64,
+}
+
+impl<T> Shared<T> {
+    pub(crate) fn now_nanos(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Wakes the worker if it is parked or about to park.
+    #[inline]
+    pub(crate) fn wake_worker(&self) {
+        if self.worker_idle.load(SeqCst) {
+            if let Some(worker) = self.worker.get() {
+                worker.unpark();
+            }
+        }
+    }
+
+    /// Tells sleeping producers that a buffer was freed (or the batcher
+    /// closed).
+    pub(crate) fn notify_freed(&self) {
+        self.freed.fetch_add(1, SeqCst);
+        if self.waiters.load(SeqCst) > 0 {
+            let _guard = self.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.wait_cv.notify_all();
+        }
+    }
+}
+
+/// Configures and starts a [`Batcher`]; from [`Batcher::builder`].
+pub struct Builder<T> {
+    batch_size: usize,
+    queue_size: usize,
+    linger: Duration,
+    shards: Option<usize>,
+    name: Option<String>,
+    on_error: Option<ErrorHook>,
+    _items: PhantomData<fn(T)>,
+}
+
+pub(crate) type ErrorHook = Box<dyn FnMut(&dyn fmt::Display) + Send>;
+
+impl<T> fmt::Debug for Builder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("batch_size", &self.batch_size)
+            .field("queue_size", &self.queue_size)
+            .field("linger", &self.linger)
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + 'static> Builder<T> {
+    /// Items per batch (default 1000). A batch sealed because it is full
+    /// holds exactly this many.
+    pub fn batch_size(mut self, items: usize) -> Self {
+        self.batch_size = items;
+        self
+    }
+
+    /// Extra room beyond the batch being filled (default 2000), as in Go
+    /// snail: `buffers = 1 + ceil(queue_size / batch_size)`. 0 means one
+    /// buffer: producers wait whenever the worker holds it.
+    pub fn queue_size(mut self, items: usize) -> Self {
+        self.queue_size = items;
+        self
+    }
+
+    /// How long a partial batch may wait for more items, counted from its
+    /// first item (default 10 ms). `Duration::ZERO` hands a partial batch to
+    /// the worker as soon as it is free; `Duration::MAX` disables linger
+    /// (partial batches wait for [`Batcher::flush`] or close).
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Producer shards: threads are spread over them so that producers on
+    /// different cores do not share a lock. Default: the number of CPUs,
+    /// at most `buffers - 1` (each shard fills its own buffer), at least 1.
+    /// Values above the number of buffers are lowered to it.
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = Some(shards);
+        self
+    }
+
+    /// The worker thread's name (default `snail-worker`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Called on the worker thread with each error the handler returns,
+    /// after it is counted.
+    pub fn on_error(mut self, hook: impl FnMut(&dyn fmt::Display) + Send + 'static) -> Self {
+        self.on_error = Some(Box::new(hook));
+        self
+    }
+
+    /// Allocates the buffers and starts the worker thread, which calls
+    /// `handler` once per batch, in order.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError`] for a zero batch size or shard count, buffers that do
+    /// not fit in memory, or a thread that cannot be started.
+    pub fn spawn<F, E>(self, handler: F) -> Result<Batcher<T>, BuildError>
+    where
+        F: FnMut(&mut Batch<'_, T>) -> Result<(), E> + Send + 'static,
+        E: fmt::Display + Send + 'static,
+    {
+        if self.batch_size == 0 {
+            return Err(BuildError::ZeroBatchSize);
+        }
+        let buffers = self
+            .queue_size
+            .div_ceil(self.batch_size)
+            .checked_add(1)
+            .ok_or(BuildError::TooLarge)?;
+        let shards = match self.shards {
+            Some(0) => return Err(BuildError::ZeroShards),
+            Some(n) => n.min(buffers),
+            None => {
+                let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+                cpus.min(buffers - 1).max(1)
+            }
+        };
+        let storage = Storage::new(self.batch_size, buffers, shards).map_err(|e| match e {
+            SizeError::ZeroBatch => BuildError::ZeroBatchSize,
+            SizeError::Shards => BuildError::ZeroShards,
+            SizeError::ZeroBuffers | SizeError::TooLarge => BuildError::TooLarge,
+        })?;
+        let shared = Arc::new(Shared {
+            core: Core::with_storage(storage),
+            linger: (self.linger != Duration::MAX).then_some(self.linger),
+            start: Instant::now(),
+            oldest: AtomicU64::new(0),
+            worker_idle: AtomicBool::new(false),
+            worker: OnceLock::new(),
+            closing: AtomicBool::new(false),
+            waiters: AtomicUsize::new(0),
+            freed: AtomicUsize::new(0),
+            wait_lock: Mutex::new(()),
+            wait_cv: Condvar::new(),
+            delivered_items: AtomicU64::new(0),
+            delivered_batches: AtomicU64::new(0),
+            handler_errors: AtomicU64::new(0),
+            lingered: AtomicU64::new(0),
+        });
+        let worker_shared = Arc::clone(&shared);
+        let on_error = self.on_error;
+        let worker = thread::Builder::new()
+            .name(self.name.unwrap_or_else(|| "snail-worker".into()))
+            .spawn(move || crate::worker::run(&worker_shared, handler, on_error))
+            .map_err(BuildError::Spawn)?;
+        // Set before the batcher is returned, so every producer finds it.
+        let _ = shared.worker.set(worker.thread().clone());
+        Ok(Batcher {
+            shared,
+            worker: Mutex::new(Some(worker)),
+            outcome: OnceLock::new(),
+        })
+    }
+}
+
+/// Many producers add items; a worker thread receives them in batches.
+///
+/// `Send + Sync` for `T: Send`: share it by reference (scoped threads) or in
+/// an `Arc`. See the [crate docs](crate) for the guarantees.
+pub struct Batcher<T> {
+    shared: Arc<Shared<T>>,
+    worker: Mutex<Option<JoinHandle<Result<Report, HandlerPanicked>>>>,
+    outcome: OnceLock<Result<Report, HandlerPanicked>>,
+}
+
+impl<T> fmt::Debug for Batcher<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batcher")
+            .field("batch_size", &self.shared.core.batch_size())
+            .field("buffers", &self.shared.core.buffers())
+            .field("shards", &self.shared.core.shards())
+            .field("linger", &self.shared.linger)
+            .field("closed", &self.shared.core.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A small number per thread, fixed for the thread's life: it picks the
+/// thread's shard, so one thread's items stay in order.
+fn thread_number() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local!(static NUMBER: Cell<usize> = const { Cell::new(usize::MAX) });
+    NUMBER.with(|n| {
+        let mut v = n.get();
+        if v == usize::MAX {
+            v = NEXT.fetch_add(1, Relaxed) & (usize::MAX >> 1);
+            n.set(v);
+        }
+        v
+    })
+}
+
+impl<T: Send + 'static> Batcher<T> {
+    /// Starts configuring a batcher.
+    pub fn builder() -> Builder<T> {
+        Builder {
+            batch_size: 1000,
+            queue_size: 2000,
+            linger: Duration::from_millis(10),
+            shards: None,
+            name: None,
+            on_error: None,
+            _items: PhantomData,
+        }
+    }
+}
+
+impl<T> Batcher<T> {
+    #[inline]
+    fn producer(&self) -> snail::Producer<'_, T, Storage<T>, Lock, Yield> {
+        self.shared.core.producer(thread_number())
+    }
+
+    /// After an accepted add: start the linger clock, wake the worker.
+    #[inline]
+    fn added(&self, done: Added) {
+        if done.opened && self.shared.linger.is_some() {
+            self.note_open();
+        }
+        if done.sealed {
+            self.shared.wake_worker();
+        }
+    }
+
+    #[cold]
+    fn note_open(&self) {
+        let shared = &*self.shared;
+        if shared.oldest.load(Relaxed) == 0 {
+            let now = shared.now_nanos() + 1;
+            if shared
+                .oldest
+                .compare_exchange(0, now, SeqCst, Relaxed)
+                .is_ok()
+            {
+                shared.wake_worker();
+            }
+        }
+    }
+
+    /// Adds `item` if a buffer has room, without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`TryAddError::Full`] when every buffer is in use,
+    /// [`TryAddError::Closed`] once the batcher is closed; both hand the
+    /// item back.
+    #[inline]
+    pub fn try_add(&self, item: T) -> Result<(), TryAddError<T>> {
+        match self.producer().try_add(item) {
+            Ok(done) => {
+                self.added(done);
+                Ok(())
+            }
+            Err(Full(item)) => Err(self.refusal(item)),
+        }
+    }
+
+    /// Adds `item`, blocking while every buffer is in use: it spins
+    /// briefly, yields, then sleeps until the worker frees a buffer.
+    ///
+    /// # Errors
+    ///
+    /// [`Closed`] with the item once the batcher is closed (also while it
+    /// waits), or after the handler panicked.
+    #[inline]
+    pub fn add(&self, item: T) -> Result<(), Closed<T>> {
+        self.add_until(item, None)
+            .map_err(|e| Closed(e.into_inner()))
+    }
+
+    /// Like [`add`](Self::add), but waits at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`TryAddError::Full`] when the wait ran out, [`TryAddError::Closed`]
+    /// when the batcher is closed; both hand the item back.
+    pub fn add_timeout(&self, item: T, timeout: Duration) -> Result<(), TryAddError<T>> {
+        // A deadline past what `Instant` can hold means no deadline.
+        self.add_until(item, Instant::now().checked_add(timeout))
+    }
+
+    /// Adds every item of `items`, blocking like [`add`](Self::add) while
+    /// every buffer is in use. Items are moved in under one lock while they
+    /// fit, so the iterator runs with a shard lock held: keep it cheap, and
+    /// never add to this batcher from inside it.
+    ///
+    /// # Errors
+    ///
+    /// [`Closed`] with the first item that was refused because the batcher
+    /// closed; the items after it are left in the iterator, which is dropped.
+    pub fn add_many<I: IntoIterator<Item = T>>(&self, items: I) -> Result<(), Closed<T>> {
+        let mut iter = items.into_iter();
+        let producer = self.producer();
+        loop {
+            let (done, refused) = producer.try_extend(&mut iter);
+            self.added(done);
+            match refused {
+                None => return Ok(()),
+                Some(item) => self.add(item)?,
+            }
+        }
+    }
+
+    fn refusal(&self, item: T) -> TryAddError<T> {
+        if self.shared.core.is_closed() {
+            TryAddError::Closed(item)
+        } else {
+            TryAddError::Full(item)
+        }
+    }
+
+    #[inline]
+    fn add_until(&self, item: T, deadline: Option<Instant>) -> Result<(), TryAddError<T>> {
+        match self.producer().add_with(item, || false) {
+            Ok(done) => {
+                self.added(done);
+                Ok(())
+            }
+            Err(Full(item)) if self.shared.core.is_closed() => Err(TryAddError::Closed(item)),
+            Err(Full(item)) => self.wait_and_add(item, deadline),
+        }
+    }
+
+    /// The slow path of a blocked add: spin, yield, then sleep on the
+    /// condvar until the worker frees a buffer, the batcher closes or the
+    /// deadline passes.
+    #[cold]
+    fn wait_and_add(&self, item: T, deadline: Option<Instant>) -> Result<(), TryAddError<T>> {
+        let shared = &*self.shared;
+        let mut attempts = 0u32;
+        let mut registered = false;
+        let mut seen = 0;
+        let result = self.producer().add_with(item, || {
+            attempts += 1;
+            if let Some(deadline) = deadline {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+            }
+            if attempts <= SPINS {
+                std::hint::spin_loop();
+            } else if attempts <= SPINS + YIELDS {
+                thread::yield_now();
+            } else if !registered {
+                // Register, then read the counter, then retry once: a buffer
+                // freed after this read either shows up in the retry or
+                // wakes us below (the worker sees `waiters > 0`).
+                shared.waiters.fetch_add(1, SeqCst);
+                registered = true;
+                seen = shared.freed.load(SeqCst);
+            } else {
+                let guard = shared.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
+                if shared.freed.load(SeqCst) == seen {
+                    let slice = match deadline {
+                        Some(d) => d.saturating_duration_since(Instant::now()).min(SLEEP_SLICE),
+                        None => SLEEP_SLICE,
+                    };
+                    let _ = shared.wait_cv.wait_timeout(guard, slice);
+                } else {
+                    drop(guard);
+                }
+                seen = shared.freed.load(SeqCst);
+            }
+            true
+        });
+        if registered {
+            shared.waiters.fetch_sub(1, SeqCst);
+        }
+        match result {
+            Ok(done) => {
+                self.added(done);
+                Ok(())
+            }
+            Err(Full(item)) => Err(self.refusal(item)),
+        }
+    }
+
+    /// Hands the partial batches to the worker now. Returns `true` if there
+    /// was one.
+    pub fn flush(&self) -> bool {
+        let sealed = self.shared.core.flush();
+        if sealed {
+            self.shared.wake_worker();
+        }
+        sealed
+    }
+
+    /// Items per batch.
+    pub fn batch_size(&self) -> usize {
+        self.shared.core.batch_size()
+    }
+
+    /// Number of buffers (`1 + ceil(queue_size / batch_size)`).
+    pub fn buffers(&self) -> usize {
+        self.shared.core.buffers()
+    }
+
+    /// Most items ever held: `batch_size × buffers`.
+    pub fn capacity(&self) -> usize {
+        self.shared.core.capacity()
+    }
+
+    /// `true` once closed (by `close`, drop, or a handler panic).
+    pub fn is_closed(&self) -> bool {
+        self.shared.core.is_closed()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        let core = self.shared.core.stats();
+        let s = &*self.shared;
+        Stats {
+            added: core.added as u64,
+            refused: core.refused as u64,
+            sealed_full: core.sealed_full as u64,
+            sealed_partial: (core.sealed_flush + core.sealed_tick) as u64,
+            lingered: s.lingered.load(Relaxed),
+            held: s.core.len() as u64,
+            delivered: Report {
+                items: s.delivered_items.load(Relaxed),
+                batches: s.delivered_batches.load(Relaxed),
+                handler_errors: s.handler_errors.load(Relaxed),
+            },
+        }
+    }
+
+    /// Seals the partial batches, refuses further items, waits until the
+    /// worker has handled every batch, joins it and returns what it
+    /// delivered. Calling it again returns the same outcome.
+    ///
+    /// Producers blocked in `add` get [`Closed`] with their item back.
+    ///
+    /// # Errors
+    ///
+    /// [`HandlerPanicked`] if the handler panicked: it says with what
+    /// message and how many items were dropped because of it.
+    pub fn close(&self) -> Result<Report, HandlerPanicked> {
+        let mut worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+        let handle = worker.take();
+        let outcome = self.outcome.get_or_init(|| {
+            let shared = &*self.shared;
+            shared.core.close();
+            shared.closing.store(true, SeqCst);
+            shared.notify_freed();
+            if let Some(thread) = shared.worker.get() {
+                thread.unpark();
+            }
+            match handle.map(JoinHandle::join) {
+                Some(Ok(outcome)) => outcome,
+                // The worker catches handler panics; this is a panic in the
+                // worker itself (an item's destructor, say).
+                Some(Err(payload)) => Err(HandlerPanicked {
+                    message: crate::worker::panic_message(&*payload),
+                    batch_items: 0,
+                    dropped_items: shared.core.len() as u64,
+                    report: Report::default(),
+                }),
+                None => Ok(Report::default()),
+            }
+        });
+        let outcome = outcome.clone();
+        drop(worker);
+        outcome
+    }
+}
+
+impl<T> Drop for Batcher<T> {
+    /// Closes the batcher: every accepted item is delivered first. A handler
+    /// panic is reported on stderr, as nobody is left to receive the error.
+    fn drop(&mut self) {
+        let first = self.outcome.get().is_none();
+        if let Err(e) = self.close() {
+            if first {
+                eprintln!("snail-std: {e}");
+            }
+        }
+    }
+}

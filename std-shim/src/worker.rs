@@ -1,0 +1,131 @@
+//! The worker thread: takes sealed batches, runs the handler, seals partial
+//! batches when their linger runs out, and sleeps when there is nothing to do.
+
+use std::any::Any;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering::*;
+use std::thread;
+use std::time::Duration;
+
+use crate::batcher::{Batch, ErrorHook, Report, Shared};
+use crate::error::HandlerPanicked;
+
+/// The longest the worker parks without a deadline (a safety net: producers
+/// unpark it when there is work).
+const IDLE_PARK: Duration = Duration::from_secs(1);
+
+/// The worker's loop; returns when the batcher is closed and drained, or
+/// right after the handler panicked.
+pub(crate) fn run<T, F, E>(
+    shared: &Shared<T>,
+    mut handler: F,
+    mut on_error: Option<ErrorHook>,
+) -> Result<Report, HandlerPanicked>
+where
+    F: FnMut(&mut Batch<'_, T>) -> Result<(), E>,
+    E: fmt::Display,
+{
+    let mut report = Report::default();
+    loop {
+        // Read before draining: once `closing` is set every accepted item
+        // is in a sealed batch, so the drain below finds them all.
+        let closing = shared.closing.load(SeqCst);
+        while let Some(batch) = shared.core.try_take() {
+            let items = batch.len() as u64;
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                let mut batch = batch;
+                let result = handler(&mut batch);
+                drop(batch); // recycles the buffer, dropping what is left
+                if let Err(e) = &result {
+                    if let Some(hook) = on_error.as_mut() {
+                        hook(e);
+                    }
+                }
+                result.is_ok()
+            }));
+            shared.notify_freed();
+            match outcome {
+                Ok(ok) => {
+                    report.items += items;
+                    report.batches += 1;
+                    report.handler_errors += u64::from(!ok);
+                    shared.delivered_items.store(report.items, Relaxed);
+                    shared.delivered_batches.store(report.batches, Relaxed);
+                    shared.handler_errors.store(report.handler_errors, Relaxed);
+                }
+                Err(payload) => return Err(fail(shared, &*payload, items, report)),
+            }
+        }
+        if closing {
+            return Ok(report);
+        }
+
+        let mut park = IDLE_PARK;
+        let oldest = shared.oldest.load(SeqCst);
+        if let (Some(linger), true) = (shared.linger, oldest != 0) {
+            let linger = u64::try_from(linger.as_nanos()).unwrap_or(u64::MAX);
+            let due = (oldest - 1).saturating_add(linger);
+            let now = shared.now_nanos();
+            if now >= due {
+                // Clear first: a batch opened after the flush below sets a
+                // new start time; one opened before it is sealed by it.
+                shared.oldest.store(0, SeqCst);
+                if shared.core.flush() {
+                    shared.lingered.fetch_add(1, Relaxed);
+                }
+                continue;
+            }
+            park = park.min(Duration::from_nanos(due - now));
+        }
+
+        // Announce the park, then look again: a producer that sealed a batch
+        // or started a linger clock before this store is seen here; one that
+        // did after sees `worker_idle` and unparks us.
+        shared.worker_idle.store(true, SeqCst);
+        if shared.core.has_sealed()
+            || shared.closing.load(SeqCst)
+            || shared.oldest.load(SeqCst) != oldest
+        {
+            shared.worker_idle.store(false, Relaxed);
+            continue;
+        }
+        thread::park_timeout(park);
+        shared.worker_idle.store(false, Relaxed);
+    }
+}
+
+/// After a handler panic: close, drop everything still held (counting it),
+/// wake blocked producers so they get `Closed`, and build the error.
+fn fail<T>(
+    shared: &Shared<T>,
+    payload: &(dyn Any + Send),
+    batch_items: u64,
+    report: Report,
+) -> HandlerPanicked {
+    shared.core.close();
+    let mut dropped_items = 0;
+    while let Some(batch) = shared.core.try_take() {
+        dropped_items += batch.len() as u64;
+        drop(batch);
+    }
+    shared.closing.store(true, SeqCst);
+    shared.notify_freed();
+    HandlerPanicked {
+        message: panic_message(payload),
+        batch_items,
+        dropped_items,
+        report,
+    }
+}
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic payload".to_owned()
+    }
+}
