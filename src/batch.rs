@@ -20,6 +20,10 @@ pub struct Batch<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> {
     /// Slots `start..end` of the buffer hold items.
     start: usize,
     end: usize,
+    /// The guard owns its items and hands out `&[T]`: it may be shared
+    /// between threads only if `T: Sync` (`&RawBatcher` alone is `Sync` for
+    /// any `T: Send`), and it drops `T`s.
+    _items: PhantomData<T>,
 }
 
 impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Batch<'a, T, S, L, R> {
@@ -29,6 +33,7 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Batch<'a, T, S, L, R> {
             buffer,
             start: 0,
             end: len,
+            _items: PhantomData,
         }
     }
 
