@@ -63,6 +63,21 @@ pub type ShardedBatcher<
 pub type CsBatcher<T, const BATCH: usize, const BUFFERS: usize> =
     Batcher<T, BATCH, BUFFERS, crate::CsLock, crate::relax::Loop>;
 
+/// Counts items written into a shard; adds them to its counter on drop.
+struct Written<'a> {
+    added: &'a AtomicUsize,
+    items: usize,
+}
+
+impl Drop for Written<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // Only written under the shard lock: a plain store suffices.
+        let total = self.added.load(Ordering::Relaxed).wrapping_add(self.items);
+        self.added.store(total, Ordering::Relaxed);
+    }
+}
+
 /// What an accepted `add` did, for code that schedules a consumer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -251,9 +266,15 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     #[inline]
     pub fn producer(&self, shard: usize) -> Producer<'_, T, S, L, R> {
         let shards = self.storage.shards();
+        // Callers usually pass an index already in range: skip the division.
+        let index = if shard < shards.len() {
+            shard
+        } else {
+            shard % shards.len()
+        };
         Producer {
             batcher: self,
-            shard: &shards[shard % shards.len()],
+            shard: &shards[index],
         }
     }
 
@@ -503,7 +524,13 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
         let slots = self.storage.slots();
         with_shard(shard, |st| {
             let mut done = Added::default();
-            while let Some(item) = next() {
+            // Adds the items written to the shard's counter when the closure
+            // ends, also if `next` panics.
+            let mut written = Written {
+                added: &shard.added,
+                items: 0,
+            };
+            'items: while let Some(mut item) = next() {
                 if st.current == NONE {
                     match self.open() {
                         Some(b) => {
@@ -511,28 +538,36 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                             st.ticked = false;
                             done.opened = true;
                         }
-                        None => return (done, Some(item)),
+                        None => {
+                            done.items = written.items;
+                            return (done, Some(item));
+                        }
                     }
                 }
-                let index = st.current * batch + st.len;
-                debug_assert!(st.len < batch && index < slots.len());
-                // SAFETY: `current < buffers` and `len < batch`, so `index` is
-                // in bounds. The slot belongs to this shard's open buffer and
-                // lies past its filled part: only the holder of this shard's
-                // lock touches it, and it holds no item to overwrite.
-                unsafe { slots.get_unchecked(index).get().write(item) };
-                st.len += 1;
-                done.items += 1;
-                // Only written under the shard lock: a plain store suffices.
-                shard.added.store(
-                    shard.added.load(Ordering::Relaxed).wrapping_add(1),
-                    Ordering::Relaxed,
-                );
-                if st.len == batch {
-                    self.seal(st, Reason::Full);
-                    done.sealed = true;
+                // Fill the open buffer without looking for a buffer again.
+                let base = st.current * batch;
+                loop {
+                    debug_assert!(st.len < batch && base + st.len < slots.len());
+                    // SAFETY: `current < buffers` and `len < batch`, so the
+                    // index is in bounds. The slot belongs to this shard's
+                    // open buffer and lies past its filled part: only the
+                    // holder of this shard's lock touches it, and it holds no
+                    // item to overwrite.
+                    unsafe { slots.get_unchecked(base + st.len).get().write(item) };
+                    st.len += 1;
+                    written.items += 1;
+                    if st.len == batch {
+                        self.seal(st, Reason::Full);
+                        done.sealed = true;
+                        continue 'items;
+                    }
+                    match next() {
+                        Some(more) => item = more,
+                        None => break 'items,
+                    }
                 }
             }
+            done.items = written.items;
             (done, None)
         })
     }

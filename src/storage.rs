@@ -247,7 +247,9 @@ impl<T, L: RawLock> HeapStorage<T, L> {
             return Err(SizeError::TooLarge);
         }
         let mut slots = Vec::new();
-        slots.try_reserve_exact(total).map_err(|_| SizeError::TooLarge)?;
+        slots
+            .try_reserve_exact(total)
+            .map_err(|_| SizeError::TooLarge)?;
         slots.extend((0..total).map(|_| Slot::<T>::new()));
         Ok(Self {
             batch,

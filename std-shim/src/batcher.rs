@@ -167,7 +167,8 @@ impl<T: Send + 'static> Builder<T> {
     /// Producer shards: threads are spread over them so that producers on
     /// different cores do not share a lock. Default: the number of CPUs,
     /// at most `buffers - 1` (each shard fills its own buffer), at least 1.
-    /// Values above the number of buffers are lowered to it.
+    /// Values above the number of buffers are lowered to it; the count is
+    /// then rounded down to a power of two.
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = Some(shards);
         self
@@ -214,6 +215,8 @@ impl<T: Send + 'static> Builder<T> {
                 cpus.min(buffers - 1).max(1)
             }
         };
+        // Round down to a power of two, so a thread's shard is a mask away.
+        let shards = 1 << shards.ilog2();
         let storage = Storage::new(self.batch_size, buffers, shards).map_err(|e| match e {
             SizeError::ZeroBatch => BuildError::ZeroBatchSize,
             SizeError::Shards => BuildError::ZeroShards,
@@ -307,7 +310,10 @@ impl<T: Send + 'static> Batcher<T> {
 impl<T> Batcher<T> {
     #[inline]
     fn producer(&self) -> snail::Producer<'_, T, Storage<T>, Lock, Yield> {
-        self.shared.core.producer(thread_number())
+        // `shards` is a power of two: a mask picks the shard.
+        self.shared
+            .core
+            .producer(thread_number() & (self.shared.core.shards() - 1))
     }
 
     /// After an accepted add: start the linger clock, wake the worker.
