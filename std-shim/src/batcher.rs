@@ -518,7 +518,7 @@ impl<T> Batcher<T> {
             added: core.added as u64,
             refused: core.refused as u64,
             sealed_full: core.sealed_full as u64,
-            sealed_partial: (core.sealed_flush + core.sealed_tick) as u64,
+            sealed_partial: core.sealed_flush.wrapping_add(core.sealed_tick) as u64,
             lingered: s.lingered.load(Relaxed),
             held: s.core.len() as u64,
             delivered: Report {
