@@ -253,11 +253,24 @@ impl<T, L: RawLock> HeapStorage<T, L> {
         slots.extend((0..total).map(|_| Slot::<T>::new()));
         Ok(Self {
             batch,
-            shards: (0..shards).map(|_| new_shard::<L>()).collect(),
-            metas: (0..buffers).map(|_| BufferMeta::new()).collect(),
+            shards: try_collect(shards, new_shard::<L>)?,
+            metas: try_collect(buffers, BufferMeta::new)?,
             slots: slots.into_boxed_slice(),
         })
     }
+}
+
+/// `n` values from `f`, or [`SizeError::TooLarge`] if they do not fit in
+/// memory (instead of a capacity-overflow panic or an allocation abort).
+#[cfg(feature = "alloc")]
+fn try_collect<X>(
+    n: usize,
+    mut f: impl FnMut() -> X,
+) -> Result<alloc::boxed::Box<[X]>, SizeError> {
+    let mut v = alloc::vec::Vec::new();
+    v.try_reserve_exact(n).map_err(|_| SizeError::TooLarge)?;
+    v.extend((0..n).map(|_| f()));
+    Ok(v.into_boxed_slice())
 }
 
 #[cfg(feature = "alloc")]
