@@ -250,7 +250,12 @@ impl<T, L: RawLock> HeapStorage<T, L> {
         slots
             .try_reserve_exact(total)
             .map_err(|_| SizeError::TooLarge)?;
-        slots.extend((0..total).map(|_| Slot::<T>::new()));
+        // SAFETY: the capacity was reserved above, and a `Slot<T>` is an
+        // `UnsafeCell<MaybeUninit<T>>`, for which uninitialised memory is a
+        // valid value: no slot needs writing. (Writing each one costs
+        // `total` steps even for zero-sized items, where `total` may be
+        // `usize::MAX`.)
+        unsafe { slots.set_len(total) };
         Ok(Self {
             batch,
             shards: try_collect(shards, new_shard::<L>)?,
