@@ -1,0 +1,391 @@
+#![allow(unexpected_cfgs)]
+#![cfg(not(snail_loom))]
+//! Close and drop, handler errors, builder errors, auto traits.
+
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use snail_std::{Batcher, BuildError, Closed, TryAddError};
+
+/// Runs `f` on its own thread and fails the test (instead of hanging) if it
+/// does not finish in `limit`.
+fn watchdog<F: FnOnce() + Send + 'static>(limit: Duration, f: F) {
+    let (tx, rx) = mpsc::channel();
+    let body = std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(()) => body.join().unwrap(),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(body.join().unwrap_err())
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("still running after {limit:?}: hung"),
+    }
+}
+
+// ---- 13: auto traits -------------------------------------------------------
+
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Batcher<String>>();
+    send_sync::<Batcher<u8>>();
+    // Items need only be Send: the batcher never shares one between threads.
+    send_sync::<Batcher<std::cell::Cell<u32>>>();
+    send_sync::<Batcher<std::sync::mpsc::Sender<u8>>>();
+    send_sync::<Closed<String>>();
+    send_sync::<TryAddError<String>>();
+    send_sync::<BuildError>();
+    send_sync::<snail_std::HandlerPanicked>();
+    send_sync::<snail_std::Report>();
+};
+
+#[test]
+fn batcher_can_be_shared_in_an_arc() {
+    let b = Arc::new(Batcher::<Box<u32>>::builder().spawn(|_| Ok::<(), String>(())).unwrap());
+    let b2 = Arc::clone(&b);
+    std::thread::spawn(move || b2.add(Box::new(1)).unwrap()).join().unwrap();
+    assert_eq!(b.close().unwrap().items, 1);
+}
+
+// ---- 4: drop without close, close twice, add after close ---------------------
+
+fn collecting(linger: Duration) -> (Batcher<String>, Arc<Mutex<Vec<String>>>) {
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let o = Arc::clone(&out);
+    let b = Batcher::builder()
+        .batch_size(64)
+        .queue_size(64)
+        .linger(linger)
+        .spawn(move |batch| {
+            o.lock().unwrap().extend(batch.drain());
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    (b, out)
+}
+
+#[test]
+fn drop_without_close_delivers_everything() {
+    for linger in [Duration::MAX, Duration::from_millis(10), Duration::ZERO] {
+        let (b, out) = collecting(linger);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let b = &b;
+                s.spawn(move || {
+                    for i in 0..1001 {
+                        b.add(format!("{t}/{i}")).unwrap();
+                    }
+                });
+            }
+        });
+        drop(b);
+        let mut got = out.lock().unwrap().clone();
+        assert_eq!(got.len(), 4004, "linger {linger:?}");
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), 4004, "linger {linger:?}: duplicates");
+    }
+}
+
+#[test]
+fn drop_right_after_spawn_and_after_one_partial_item() {
+    let (b, out) = collecting(Duration::MAX);
+    drop(b);
+    assert!(out.lock().unwrap().is_empty());
+    let (b, out) = collecting(Duration::MAX);
+    b.add("only".into()).unwrap();
+    drop(b);
+    assert_eq!(*out.lock().unwrap(), vec!["only".to_string()]);
+}
+
+#[test]
+fn close_twice_returns_the_same_outcome() {
+    let (b, out) = collecting(Duration::MAX);
+    for i in 0..100 {
+        b.add(i.to_string()).unwrap();
+    }
+    let first = b.close().unwrap();
+    assert_eq!(first.items, 100);
+    assert_eq!(first.batches, 2); // one full batch, one partial sealed by close
+    assert!(b.is_closed());
+    let second = b.close();
+    assert_eq!(second, Ok(first));
+    assert_eq!(out.lock().unwrap().len(), 100);
+    assert_eq!(b.stats().delivered, first);
+    drop(b); // a third close, through drop
+}
+
+#[test]
+fn add_after_close_hands_back_the_same_item() {
+    let (b, out) = collecting(Duration::MAX);
+    b.add("before".into()).unwrap();
+    b.close().unwrap();
+
+    let item = String::from("after add");
+    let ptr = item.as_ptr();
+    match b.add(item) {
+        Err(Closed(back)) => {
+            assert_eq!(back, "after add");
+            assert_eq!(back.as_ptr(), ptr, "a different String came back");
+        }
+        Ok(()) => panic!("add after close accepted"),
+    }
+    let item = String::from("after try_add");
+    let ptr = item.as_ptr();
+    match b.try_add(item) {
+        Err(TryAddError::Closed(back)) => assert_eq!(back.as_ptr(), ptr),
+        other => panic!("try_add after close: {other:?}"),
+    }
+    match b.add_timeout("after add_timeout".into(), Duration::from_secs(5)) {
+        Err(TryAddError::Closed(back)) => assert_eq!(back, "after add_timeout"),
+        other => panic!("add_timeout after close: {other:?}"),
+    }
+    let many = vec!["m1".to_string(), "m2".into(), "m3".into()];
+    let ptr = many[0].as_ptr();
+    match b.add_many(many) {
+        Err(Closed(back)) => assert_eq!(back.as_ptr(), ptr, "add_many must return its first item"),
+        Ok(()) => panic!("add_many after close accepted"),
+    }
+    assert!(!b.flush());
+    assert_eq!(*out.lock().unwrap(), vec!["before".to_string()]);
+    assert_eq!(b.stats().added, 1);
+}
+
+#[test]
+fn close_releases_blocked_producers_while_the_handler_runs() {
+    watchdog(Duration::from_secs(60), || {
+        let (started_tx, started_rx) = mpsc::channel();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let b = Arc::new(
+            Batcher::<u64>::builder()
+                .batch_size(1)
+                .queue_size(0)
+                .spawn(move |_batch| {
+                    let _ = started_tx.send(());
+                    let _ = gate_rx.recv();
+                    Ok::<(), String>(())
+                })
+                .unwrap(),
+        );
+        b.add(0).unwrap();
+        started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        for p in 1..=4u64 {
+            let (b, done_tx) = (Arc::clone(&b), done_tx.clone());
+            std::thread::spawn(move || {
+                let r = b.add(p);
+                done_tx.send((p, r, Instant::now())).unwrap();
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200)); // let them block
+        let closer = {
+            let b = Arc::clone(&b);
+            std::thread::spawn(move || b.close())
+        };
+        let t0 = Instant::now();
+        // The handler is still stuck, yet every blocked producer is released.
+        for _ in 0..4 {
+            let (p, r, at) = done_rx.recv_timeout(Duration::from_secs(20)).expect("blocked producer hung");
+            match r {
+                Err(Closed(back)) => assert_eq!(back, p),
+                Ok(()) => panic!("producer {p} was accepted while the only buffer was held"),
+            }
+            assert!(at.saturating_duration_since(t0) < Duration::from_secs(10));
+        }
+        assert!(!closer.is_finished(), "close returned while the handler was still running");
+        gate_tx.send(()).unwrap();
+        let report = closer.join().unwrap().unwrap();
+        assert_eq!(report.items, 1);
+    });
+}
+
+// ---- 5: handler errors ---------------------------------------------------------
+
+struct Bad(u32);
+
+impl std::fmt::Display for Bad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bad item {}", self.0)
+    }
+}
+
+#[test]
+fn handler_errors_are_counted_reported_and_survived() {
+    let messages = Arc::new(Mutex::new(Vec::new()));
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let (m, h) = (Arc::clone(&messages), Arc::clone(&handled));
+    let b = Batcher::<u32>::builder()
+        .batch_size(1)
+        .queue_size(4)
+        .on_error(move |e| m.lock().unwrap().push(e.to_string()))
+        .spawn(move |batch| {
+            let item = batch[0];
+            h.lock().unwrap().push(item);
+            if item % 3 == 0 {
+                Err(Bad(item))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+    for i in 0..30 {
+        b.add(i).unwrap();
+    }
+    // Counted while running, too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.stats().delivered.batches < 30 {
+        assert!(Instant::now() < deadline, "worker stalled: {:?}", b.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(b.stats().delivered.handler_errors, 10);
+    let report = b.close().unwrap();
+    assert_eq!(report.items, 30);
+    assert_eq!(report.batches, 30);
+    assert_eq!(report.handler_errors, 10);
+    assert_eq!(*handled.lock().unwrap(), (0..30).collect::<Vec<_>>());
+    let want: Vec<String> = (0..30).step_by(3).map(|i| format!("bad item {i}")).collect();
+    assert_eq!(*messages.lock().unwrap(), want);
+}
+
+#[test]
+fn handler_errors_without_a_hook_are_counted() {
+    let b = Batcher::<u32>::builder()
+        .batch_size(2)
+        .spawn(|_| Err::<(), _>("always"))
+        .unwrap();
+    for i in 0..10 {
+        b.add(i).unwrap();
+    }
+    let report = b.close().unwrap();
+    assert_eq!((report.items, report.batches, report.handler_errors), (10, 5, 5));
+}
+
+// ---- 11: builder errors ----------------------------------------------------------
+
+fn spawn_err<T: Send + 'static>(builder: snail_std::Builder<T>) -> BuildError {
+    match builder.spawn(|_| Ok::<(), String>(())) {
+        Ok(b) => panic!("spawned {b:?}"),
+        Err(e) => {
+            assert!(!e.to_string().is_empty());
+            e
+        }
+    }
+}
+
+#[test]
+fn builder_rejects_zero_sizes() {
+    assert!(matches!(spawn_err(Batcher::<u64>::builder().batch_size(0)), BuildError::ZeroBatchSize));
+    assert!(matches!(
+        spawn_err(Batcher::<u64>::builder().batch_size(0).queue_size(0)),
+        BuildError::ZeroBatchSize
+    ));
+    assert!(matches!(spawn_err(Batcher::<u64>::builder().shards(0)), BuildError::ZeroShards));
+}
+
+#[test]
+fn builder_rejects_absurd_sizes() {
+    let too_large = |e: BuildError| assert!(matches!(e, BuildError::TooLarge), "{e:?}");
+    too_large(spawn_err(Batcher::<u64>::builder().batch_size(1).queue_size(usize::MAX)));
+    too_large(spawn_err(Batcher::<u64>::builder().batch_size(2).queue_size(usize::MAX)));
+    too_large(spawn_err(Batcher::<u64>::builder().queue_size(usize::MAX)));
+    too_large(spawn_err(Batcher::<u64>::builder().batch_size(usize::MAX).queue_size(0)));
+    too_large(spawn_err(Batcher::<u64>::builder().batch_size(usize::MAX)));
+    too_large(spawn_err(Batcher::<u8>::builder().batch_size(usize::MAX / 2).queue_size(0)));
+    too_large(spawn_err(Batcher::<[u8; 64]>::builder().batch_size(usize::MAX / 64).queue_size(0)));
+    // Fits in isize, but no allocator can provide 2^62 bytes.
+    too_large(spawn_err(Batcher::<u64>::builder().batch_size(1 << 59).queue_size(0)));
+    too_large(spawn_err(Batcher::<u8>::builder().batch_size(1 << 61).queue_size(1 << 61)));
+    // Both factors fit, the product does not.
+    too_large(spawn_err(
+        Batcher::<u8>::builder().batch_size(1 << 40).queue_size(1 << 60).shards(usize::MAX),
+    ));
+}
+
+#[test]
+fn builder_rejects_absurd_sizes_of_zero_sized_items() {
+    // No bytes for the items, but a buffer table of usize::MAX entries.
+    let e = spawn_err(Batcher::<()>::builder().batch_size(1).queue_size(usize::MAX - 1));
+    assert!(matches!(e, BuildError::TooLarge), "{e:?}");
+    let e = spawn_err(Batcher::<()>::builder().batch_size(1).queue_size(usize::MAX - 1).shards(usize::MAX));
+    assert!(matches!(e, BuildError::TooLarge), "{e:?}");
+    let e = spawn_err(Batcher::<()>::builder().batch_size(usize::MAX / 2 + 1).queue_size(usize::MAX / 2));
+    assert!(matches!(e, BuildError::TooLarge), "{e:?}");
+}
+
+#[test]
+fn huge_batches_of_zero_sized_items_spawn_at_once() {
+    // usize::MAX items of () need no memory: spawning must not visit each.
+    watchdog(Duration::from_secs(20), || {
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&count);
+        let b = Batcher::<()>::builder()
+            .batch_size(usize::MAX)
+            .queue_size(0)
+            .spawn(move |batch| {
+                c.fetch_add(batch.drain().count(), SeqCst);
+                Ok::<(), String>(())
+            })
+            .unwrap();
+        assert_eq!(b.capacity(), usize::MAX);
+        for _ in 0..1000 {
+            b.add(()).unwrap();
+        }
+        assert_eq!(b.close().unwrap().items, 1000);
+        assert_eq!(count.load(SeqCst), 1000);
+    });
+}
+
+#[test]
+fn builder_accepts_edge_sizes() {
+    // queue_size 0: one buffer; producers wait while the worker holds it.
+    let (tx, rx) = mpsc::channel();
+    let b = Batcher::<u32>::builder()
+        .batch_size(3)
+        .queue_size(0)
+        .spawn(move |batch| {
+            tx.send(batch.drain().collect::<Vec<_>>()).unwrap();
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    assert_eq!((b.buffers(), b.capacity(), b.batch_size()), (1, 3, 3));
+    std::thread::scope(|s| {
+        for t in 0..3 {
+            let b = &b;
+            s.spawn(move || {
+                for i in 0..100 {
+                    b.add(t * 1000 + i).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(b.close().unwrap().items, 300);
+    let mut all: Vec<u32> = rx.iter().flatten().collect();
+    all.sort_unstable();
+    let mut want: Vec<u32> = (0..3).flat_map(|t| (0..100).map(move |i| t * 1000 + i)).collect();
+    want.sort_unstable();
+    assert_eq!(all, want);
+
+    // Defaults: 1000 per batch, 1 + 2000/1000 buffers.
+    let b = Batcher::<u8>::builder().spawn(|_| Ok::<(), String>(())).unwrap();
+    assert_eq!((b.batch_size(), b.buffers(), b.capacity()), (1000, 3, 3000));
+    // queue_size rounds up to whole buffers.
+    let b = Batcher::<u8>::builder().batch_size(10).queue_size(11).spawn(|_| Ok::<(), String>(())).unwrap();
+    assert_eq!(b.buffers(), 3);
+    // More shards than buffers are lowered, not refused.
+    let b = Batcher::<u8>::builder()
+        .batch_size(1)
+        .queue_size(1)
+        .shards(usize::MAX)
+        .name("edge-test")
+        .spawn(|_| Ok::<(), String>(()))
+        .unwrap();
+    for i in 0..10 {
+        b.add(i).unwrap();
+    }
+    assert_eq!(b.close().unwrap().items, 10);
+    // batch_size 1, queue_size usize::MAX - 1 overflows nothing but is too large.
+    assert!(Batcher::<u8>::builder().batch_size(usize::MAX).queue_size(usize::MAX).spawn(|_| Ok::<(), String>(())).is_err());
+}
