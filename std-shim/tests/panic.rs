@@ -1,0 +1,196 @@
+#![allow(unexpected_cfgs)]
+#![cfg(not(snail_loom))]
+//! A handler panic while producers are blocked on a full batcher: every
+//! blocked producer gets `Closed` with its item back promptly, later adds
+//! are refused, `close` reports the panic, and every offered item is
+//! accounted for:
+//! delivered + in the panicking batch + dropped + refused == offered.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use snail_std::{Batcher, Closed, HandlerPanicked, TryAddError};
+
+const PRODUCERS: usize = 8;
+const PER: u64 = 2_000;
+const PANIC_ON: u64 = 5;
+
+struct Outcome {
+    accepted: u64,
+    refused: u64,
+    first_refusal: Option<Instant>,
+    accepted_after_refusal: u64,
+}
+
+#[test]
+fn handler_panic_releases_blocked_producers_and_loses_nothing_silently() {
+    let in_add = Arc::new(AtomicUsize::new(0));
+    let batches = Arc::new(AtomicU64::new(0));
+    let seen = Arc::new(AtomicU64::new(0));
+    let panicked_at = Arc::new(Mutex::new(None::<Instant>));
+    let all_blocked = Arc::new(AtomicUsize::new(0));
+
+    let b = {
+        let (in_add, batches, seen, panicked_at, all_blocked) = (
+            Arc::clone(&in_add),
+            Arc::clone(&batches),
+            Arc::clone(&seen),
+            Arc::clone(&panicked_at),
+            Arc::clone(&all_blocked),
+        );
+        Arc::new(
+            Batcher::<u64>::builder()
+                .batch_size(2)
+                .queue_size(2)
+                .linger(Duration::from_millis(1))
+                .spawn(move |batch| {
+                    let n = batches.fetch_add(1, SeqCst) + 1;
+                    seen.fetch_add(batch.len() as u64, SeqCst);
+                    if n == PANIC_ON {
+                        // This batch holds one buffer and the other is full:
+                        // wait until every producer is stuck in `add`.
+                        let deadline = Instant::now() + Duration::from_secs(20);
+                        while in_add.load(SeqCst) < PRODUCERS && Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        all_blocked.store(in_add.load(SeqCst), SeqCst);
+                        std::thread::sleep(Duration::from_millis(50)); // let them fall asleep
+                        *panicked_at.lock().unwrap() = Some(Instant::now());
+                        panic!("boom on batch {n}");
+                    }
+                    Ok::<(), String>(())
+                })
+                .unwrap(),
+        )
+    };
+    assert_eq!(b.buffers(), 2);
+
+    let (done_tx, done_rx) = mpsc::channel();
+    for p in 0..PRODUCERS {
+        let (b, in_add, done_tx) = (Arc::clone(&b), Arc::clone(&in_add), done_tx.clone());
+        std::thread::spawn(move || {
+            let mut o = Outcome { accepted: 0, refused: 0, first_refusal: None, accepted_after_refusal: 0 };
+            for i in 0..PER {
+                let item = ((p as u64) << 32) | i;
+                in_add.fetch_add(1, SeqCst);
+                let r = b.add(item);
+                in_add.fetch_sub(1, SeqCst);
+                match r {
+                    Ok(()) if o.first_refusal.is_some() => o.accepted_after_refusal += 1,
+                    Ok(()) => o.accepted += 1,
+                    Err(Closed(back)) => {
+                        assert_eq!(back, item, "a different item came back");
+                        o.refused += 1;
+                        o.first_refusal.get_or_insert_with(Instant::now);
+                    }
+                }
+            }
+            done_tx.send(o).unwrap();
+        });
+    }
+    drop(done_tx);
+
+    // Watchdog: a producer that never returns fails the test instead of
+    // hanging it.
+    let mut outcomes = Vec::new();
+    for _ in 0..PRODUCERS {
+        outcomes.push(done_rx.recv_timeout(Duration::from_secs(60)).expect("a producer hung"));
+    }
+    let panicked_at = panicked_at.lock().unwrap().expect("the handler never panicked");
+    assert_eq!(all_blocked.load(SeqCst), PRODUCERS, "not every producer was blocked at the panic");
+
+    let mut max_release = Duration::ZERO;
+    for (p, o) in outcomes.iter().enumerate() {
+        let first = o.first_refusal.unwrap_or_else(|| panic!("producer {p} was never refused"));
+        let release = first.saturating_duration_since(panicked_at);
+        max_release = max_release.max(release);
+        assert!(release < Duration::from_secs(10), "producer {p} released {release:?} after the panic");
+        assert_eq!(o.accepted_after_refusal, 0, "producer {p}: an add succeeded after Closed");
+        assert_eq!(o.accepted + o.refused, PER);
+    }
+    eprintln!("{PRODUCERS} blocked producers released at most {max_release:?} after the panic");
+
+    assert!(b.is_closed());
+    assert!(matches!(b.add(7), Err(Closed(7))));
+    assert!(matches!(b.try_add(8), Err(TryAddError::Closed(8))));
+    assert!(matches!(b.add_timeout(9, Duration::from_secs(1)), Err(TryAddError::Closed(9))));
+
+    let err: HandlerPanicked = b.close().unwrap_err();
+    eprintln!("{err}");
+    assert_eq!(err.message, format!("boom on batch {PANIC_ON}"));
+    assert!(err.to_string().contains("boom on batch"));
+    assert_eq!(err.report.batches, PANIC_ON - 1);
+    assert_eq!(err.batch_items, 2);
+    assert_eq!(err.report.handler_errors, 0);
+    // close again: the same outcome.
+    assert_eq!(b.close(), Err(err.clone()));
+
+    let accepted: u64 = outcomes.iter().map(|o| o.accepted).sum();
+    let refused: u64 = outcomes.iter().map(|o| o.refused).sum();
+    let offered = PRODUCERS as u64 * PER;
+    assert_eq!(accepted + refused, offered);
+    assert_eq!(
+        err.report.items + err.batch_items + err.dropped_items,
+        accepted,
+        "accepted items neither delivered nor reported dropped: {err:?}"
+    );
+    assert_eq!(err.report.items + err.batch_items, seen.load(SeqCst));
+    assert_eq!(batches.load(SeqCst), PANIC_ON, "the handler ran after it panicked");
+    assert_eq!(b.stats().added, accepted);
+    assert_eq!(b.stats().held, 0);
+    eprintln!(
+        "offered {offered}: delivered {} + panicking batch {} + dropped {} + refused {refused}",
+        err.report.items, err.batch_items, err.dropped_items
+    );
+}
+
+#[test]
+fn handler_panic_with_queued_batches_counts_them_dropped() {
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    let b = Batcher::<u32>::builder()
+        .batch_size(4)
+        .queue_size(12)
+        .linger(Duration::MAX)
+        .shards(1)
+        .spawn(move |_batch| -> Result<(), String> {
+            let _ = gate_rx.recv();
+            panic!("{}", String::from("owned message"));
+        })
+        .unwrap();
+    for i in 0..4 {
+        b.add(i).unwrap(); // sealed: the worker takes it and waits
+    }
+    // Wait until the worker holds that batch.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.stats().held != 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for i in 4..14 {
+        b.add(i).unwrap(); // two sealed batches and a partial one of 2
+    }
+    assert_eq!(b.stats().held, 10);
+    gate_tx.send(()).unwrap();
+    let err = b.close().unwrap_err();
+    assert_eq!(err.message, "owned message");
+    assert_eq!((err.batch_items, err.dropped_items, err.report.items), (4, 10, 0));
+}
+
+#[test]
+fn drop_after_handler_panic_does_not_panic() {
+    let b = Batcher::<u32>::builder()
+        .batch_size(1)
+        .spawn(|_batch| -> Result<(), String> { std::panic::panic_any(42u32) })
+        .unwrap();
+    b.add(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !b.is_closed() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let r = b.add(2);
+    assert!(matches!(r, Err(Closed(2))));
+    drop(b); // reports on stderr, must not panic
+}
