@@ -35,8 +35,8 @@ pub unsafe trait RawLock {
     fn lock<R>(&self, f: impl FnOnce() -> R) -> R;
 }
 
-/// A spin lock: an atomic flag taken with a swap, waited on with loads and
-/// `R::relax()` so that waiters do not bounce the cache line.
+/// A spin lock: an atomic flag taken with a compare-exchange, waited on with
+/// loads and `R::relax()` so that waiters do not bounce the cache line.
 ///
 /// It is not fair and not interrupt-safe: an interrupt handler that spins on
 /// a lock held by the code it interrupted spins forever. Use [`CsLock`] there.
@@ -78,9 +78,9 @@ impl Drop for Unlock<'_> {
     }
 }
 
-// SAFETY: `swap(true, Acquire)` returning `false` is won by exactly one thread
-// until the `Release` store in `Unlock::drop`, which runs after the closure,
-// also when it unwinds. Acquire/Release order the closures.
+// SAFETY: the `false -> true` compare-exchange (Acquire) succeeds for exactly
+// one thread until the `Release` store in `Unlock::drop`, which runs after the
+// closure, also when it unwinds. Acquire/Release order the closures.
 unsafe impl<R: Relax> RawLock for SpinLock<R> {
     #[cfg(not(snail_loom))]
     const INIT: Self = Self::new();
@@ -91,7 +91,15 @@ unsafe impl<R: Relax> RawLock for SpinLock<R> {
 
     #[inline(always)]
     fn lock<T>(&self, f: impl FnOnce() -> T) -> T {
-        while self.locked.swap(true, Ordering::Acquire) {
+        // A compare-exchange, not a swap: a waiter's failed attempt stores
+        // nothing. (Loom orders a waiter's `swap(true)` only partially against
+        // the holder's release store, so under loom a swap-based waiter can
+        // read its own stale `true` forever and the model never finishes.)
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             while self.locked.load(Ordering::Relaxed) {
                 crate::sync::relax::<R>();
             }
