@@ -138,3 +138,38 @@ fn max_linger_waits_for_flush_or_close() {
     assert_eq!(report.batches, 2);
     assert_eq!(b.stats().lingered, 0);
 }
+
+/// Known bug (not fixed here): the shim keeps one linger clock, started
+/// when a batch opens and cleared only when the linger flush runs. A batch
+/// sealed because it was full leaves its clock running, and the next
+/// partial batch inherits it: with linger 200 ms, a lone item added 150 ms
+/// after a full batch is flushed about 50 ms after it was added.
+#[test]
+#[ignore = "known bug: a full batch's linger clock is inherited by the next partial batch"]
+fn lone_item_after_a_full_batch_still_lingers() {
+    let linger = Duration::from_millis(200);
+    let (tx, rx) = mpsc::channel();
+    let b = Batcher::<u32>::builder()
+        .batch_size(4)
+        .queue_size(4)
+        .linger(linger)
+        .spawn(move |batch| {
+            let _ = tx.send((Instant::now(), batch.len()));
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    for i in 0..4 {
+        b.add(i).unwrap(); // sealed full at once
+    }
+    let (_, n) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(n, 4);
+    std::thread::sleep(Duration::from_millis(150));
+    let t1 = Instant::now();
+    b.add(4).unwrap();
+    let (at, n) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(n, 1);
+    let latency = at - t1;
+    eprintln!("lone item after a full batch: delivered after {latency:?} (linger {linger:?})");
+    assert!(latency >= linger - Duration::from_millis(5), "delivered after {latency:?}, before linger {linger:?}");
+    b.close().unwrap();
+}
