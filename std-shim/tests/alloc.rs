@@ -60,7 +60,11 @@ fn a_million_adds_allocate_nothing() {
     COUNTED.with(|f| f.set(true));
     drop(std::hint::black_box(Box::new(1u64)));
     COUNTED.with(|f| f.set(false));
-    assert_eq!(ALLOCS.load(SeqCst) - before, 2, "alloc + dealloc not counted");
+    assert_eq!(
+        ALLOCS.load(SeqCst) - before,
+        2,
+        "alloc + dealloc not counted"
+    );
     ALLOCS.store(0, SeqCst);
 
     // The worker counts its own allocations once told to.
@@ -118,7 +122,11 @@ fn a_million_adds_allocate_nothing() {
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).max().unwrap()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .max()
+            .unwrap()
     });
     // Let the worker drain while still counting.
     b.flush();

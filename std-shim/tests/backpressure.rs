@@ -23,7 +23,11 @@ fn in_flight_never_exceeds_capacity_under_a_slow_handler() {
     let handled = Arc::new(AtomicI64::new(0));
     let max_seen = Arc::new(AtomicI64::new(0));
     let sample = {
-        let (a, h, m) = (Arc::clone(&accepted), Arc::clone(&handled), Arc::clone(&max_seen));
+        let (a, h, m) = (
+            Arc::clone(&accepted),
+            Arc::clone(&handled),
+            Arc::clone(&max_seen),
+        );
         move || {
             let acc = a.load(SeqCst);
             let held = acc - h.load(SeqCst);
@@ -50,7 +54,8 @@ fn in_flight_never_exceeds_capacity_under_a_slow_handler() {
     let max_held_stat = AtomicUsize::new(0);
     std::thread::scope(|s| {
         for _ in 0..PRODUCERS {
-            let (b, accepted, sample, max_held_stat) = (&b, &accepted, sample.clone(), &max_held_stat);
+            let (b, accepted, sample, max_held_stat) =
+                (&b, &accepted, sample.clone(), &max_held_stat);
             s.spawn(move || {
                 for i in 0..PER {
                     b.add(i).unwrap();
@@ -68,10 +73,16 @@ fn in_flight_never_exceeds_capacity_under_a_slow_handler() {
     let max = max_seen.load(SeqCst);
     let max_held = max_held_stat.load(SeqCst);
     eprintln!("capacity {capacity}: max accepted-but-unhandled {max}, max stats.held {max_held}");
-    assert!(max <= capacity, "{max} items in flight, capacity {capacity}");
+    assert!(
+        max <= capacity,
+        "{max} items in flight, capacity {capacity}"
+    );
     assert!(max_held as i64 <= capacity, "stats.held reached {max_held}");
     // The bound was actually reached for (the buffers filled up).
-    assert!(max > capacity / 2, "the test never filled the buffers (max {max})");
+    assert!(
+        max > capacity / 2,
+        "the test never filled the buffers (max {max})"
+    );
 }
 
 /// A batcher of one buffer of one item whose handler reports each batch and
@@ -98,7 +109,10 @@ fn try_add_and_add_timeout_report_full() {
     let (b, started, gate) = gated();
     b.add("first".into()).unwrap();
     // The worker holds the only buffer until the gate opens.
-    assert_eq!(started.recv_timeout(Duration::from_secs(10)).unwrap(), "first");
+    assert_eq!(
+        started.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "first"
+    );
 
     match b.try_add("try".into()) {
         Err(TryAddError::Full(s)) => assert_eq!(s, "try"),
@@ -118,8 +132,14 @@ fn try_add_and_add_timeout_report_full() {
         }
         other => panic!("add_timeout on a full batcher: {other:?}"),
     }
-    assert!(waited >= timeout, "gave up after {waited:?}, before {timeout:?}");
-    assert!(waited < timeout + Duration::from_secs(3), "gave up only after {waited:?}");
+    assert!(
+        waited >= timeout,
+        "gave up after {waited:?}, before {timeout:?}"
+    );
+    assert!(
+        waited < timeout + Duration::from_secs(3),
+        "gave up only after {waited:?}"
+    );
 
     let t0 = Instant::now();
     match b.add_timeout("zero".into(), Duration::ZERO) {
@@ -137,11 +157,18 @@ fn try_add_and_add_timeout_report_full() {
         }
     });
     let t0 = Instant::now();
-    b.add_timeout("late".into(), Duration::from_secs(60)).unwrap();
+    b.add_timeout("late".into(), Duration::from_secs(60))
+        .unwrap();
     let waited = t0.elapsed();
     opener.join().unwrap();
-    assert!(waited < Duration::from_secs(30), "add_timeout waited {waited:?}");
-    assert_eq!(started.recv_timeout(Duration::from_secs(10)).unwrap(), "late");
+    assert!(
+        waited < Duration::from_secs(30),
+        "add_timeout waited {waited:?}"
+    );
+    assert_eq!(
+        started.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "late"
+    );
 
     drop(gate); // the handler no longer waits
     let report = b.close().unwrap();
@@ -171,7 +198,10 @@ fn blocked_producer_sleeps() {
     }
     let (b, started, gate) = gated();
     b.add("hold".into()).unwrap();
-    assert_eq!(started.recv_timeout(Duration::from_secs(10)).unwrap(), "hold");
+    assert_eq!(
+        started.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "hold"
+    );
 
     let (cpu, blocked) = std::thread::scope(|s| {
         let producer = s.spawn(|| {
@@ -192,8 +222,14 @@ fn blocked_producer_sleeps() {
         per_second * 1e3,
         per_second * 100.0
     );
-    assert!(blocked >= Duration::from_millis(900), "add returned after {blocked:?}: not blocked");
-    assert!(per_second < 0.05, "blocked producer used {cpu:?} in {blocked:?}");
+    assert!(
+        blocked >= Duration::from_millis(900),
+        "add returned after {blocked:?}: not blocked"
+    );
+    assert!(
+        per_second < 0.05,
+        "blocked producer used {cpu:?} in {blocked:?}"
+    );
 
     drop(gate);
     assert_eq!(b.close().unwrap().items, 2);

@@ -27,7 +27,11 @@ impl Log {
     }
     fn assert_all(&self, want: u32, what: &str) {
         let counts = self.counts();
-        let bad: Vec<_> = counts.iter().enumerate().filter(|(_, &c)| c != want).collect();
+        let bad: Vec<_> = counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c != want)
+            .collect();
         assert!(bad.is_empty(), "{what}: (id, drops) not {want}: {bad:?}");
     }
 }
@@ -44,13 +48,19 @@ impl Drop for Tracked {
 }
 
 fn items(log: &Arc<Log>, ids: std::ops::Range<usize>) -> impl Iterator<Item = Tracked> + '_ {
-    ids.map(move |id| Tracked { id, log: Arc::clone(log) })
+    ids.map(move |id| Tracked {
+        id,
+        log: Arc::clone(log),
+    })
 }
 
 const N: usize = 1000;
 
 fn builder() -> snail_std::Builder<Tracked> {
-    Batcher::builder().batch_size(16).queue_size(48).linger(Duration::from_millis(1))
+    Batcher::builder()
+        .batch_size(16)
+        .queue_size(48)
+        .linger(Duration::from_millis(1))
 }
 
 #[test]
@@ -123,7 +133,10 @@ fn partially_drained_batches_drop_the_rest_once() {
     let counts = log.counts();
     assert!(counts.iter().all(|&c| c <= 1), "an item was dropped twice");
     let leaked = counts.iter().filter(|&&c| c == 0).count() - kept_ids.len();
-    eprintln!("partial drains: {} kept, {leaked} leaked on purpose", kept_ids.len());
+    eprintln!(
+        "partial drains: {} kept, {leaked} leaked on purpose",
+        kept_ids.len()
+    );
     kept.lock().unwrap().clear();
     let counts = log.counts();
     assert!(counts.iter().all(|&c| c <= 1));
@@ -154,7 +167,10 @@ fn items_left_in_the_batch_are_dropped_by_the_guard() {
         }
     });
     let report = b.close().unwrap();
-    assert!(rx.iter().all(|ok| ok), "an item was dropped before its handler ran");
+    assert!(
+        rx.iter().all(|ok| ok),
+        "an item was dropped before its handler ran"
+    );
     assert_eq!(report.items, N as u64);
     log.assert_all(1, "not drained by the handler");
 }
@@ -163,7 +179,10 @@ fn items_left_in_the_batch_are_dropped_by_the_guard() {
 fn items_pending_at_close_or_drop_and_refused_items() {
     for by_drop in [false, true] {
         let log = Log::new(40);
-        let b = builder().linger(Duration::MAX).spawn(|_| Ok::<(), String>(())).unwrap();
+        let b = builder()
+            .linger(Duration::MAX)
+            .spawn(|_| Ok::<(), String>(()))
+            .unwrap();
         b.add_many(items(&log, 0..10)).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         log.assert_all(0, "pending, not yet closed");
@@ -177,14 +196,23 @@ fn items_pending_at_close_or_drop_and_refused_items() {
         let counts = log.counts();
         assert_eq!(&counts[..10], &[1; 10], "pending at close");
         // Refused after close: handed back, not dropped by the batcher.
-        let back = match b.add(Tracked { id: 10, log: Arc::clone(&log) }) {
+        let back = match b.add(Tracked {
+            id: 10,
+            log: Arc::clone(&log),
+        }) {
             Err(Closed(back)) => back,
             Ok(()) => panic!("accepted after close"),
         };
         assert_eq!(log.count(10), 0);
         drop(back);
         assert_eq!(log.count(10), 1);
-        let back = b.try_add(Tracked { id: 11, log: Arc::clone(&log) }).unwrap_err().into_inner();
+        let back = b
+            .try_add(Tracked {
+                id: 11,
+                log: Arc::clone(&log),
+            })
+            .unwrap_err()
+            .into_inner();
         assert_eq!(log.count(11), 0);
         drop(back);
         // add_many: the first item comes back, the iterator's rest is dropped.
@@ -234,7 +262,13 @@ fn items_dropped_after_a_handler_panic() {
     assert_eq!(counts[0], 0, "the item the handler took was dropped");
     assert_eq!(&counts[1..14], &[1; 13], "panicking batch and queued items");
     // Refused after the panic: handed back.
-    let back = b.add(Tracked { id: 14, log: Arc::clone(&log) }).unwrap_err().0;
+    let back = b
+        .add(Tracked {
+            id: 14,
+            log: Arc::clone(&log),
+        })
+        .unwrap_err()
+        .0;
     assert_eq!(log.count(14), 0);
     drop(back);
     drop(b);

@@ -44,9 +44,15 @@ const _: () = {
 
 #[test]
 fn batcher_can_be_shared_in_an_arc() {
-    let b = Arc::new(Batcher::<Box<u32>>::builder().spawn(|_| Ok::<(), String>(())).unwrap());
+    let b = Arc::new(
+        Batcher::<Box<u32>>::builder()
+            .spawn(|_| Ok::<(), String>(()))
+            .unwrap(),
+    );
     let b2 = Arc::clone(&b);
-    std::thread::spawn(move || b2.add(Box::new(1)).unwrap()).join().unwrap();
+    std::thread::spawn(move || b2.add(Box::new(1)).unwrap())
+        .join()
+        .unwrap();
     assert_eq!(b.close().unwrap().items, 1);
 }
 
@@ -188,14 +194,19 @@ fn close_releases_blocked_producers_while_the_handler_runs() {
         let t0 = Instant::now();
         // The handler is still stuck, yet every blocked producer is released.
         for _ in 0..4 {
-            let (p, r, at) = done_rx.recv_timeout(Duration::from_secs(20)).expect("blocked producer hung");
+            let (p, r, at) = done_rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("blocked producer hung");
             match r {
                 Err(Closed(back)) => assert_eq!(back, p),
                 Ok(()) => panic!("producer {p} was accepted while the only buffer was held"),
             }
             assert!(at.saturating_duration_since(t0) < Duration::from_secs(10));
         }
-        assert!(!closer.is_finished(), "close returned while the handler was still running");
+        assert!(
+            !closer.is_finished(),
+            "close returned while the handler was still running"
+        );
         gate_tx.send(()).unwrap();
         let report = closer.join().unwrap().unwrap();
         assert_eq!(report.items, 1);
@@ -246,7 +257,10 @@ fn handler_errors_are_counted_reported_and_survived() {
     assert_eq!(report.batches, 30);
     assert_eq!(report.handler_errors, 10);
     assert_eq!(*handled.lock().unwrap(), (0..30).collect::<Vec<_>>());
-    let want: Vec<String> = (0..30).step_by(3).map(|i| format!("bad item {i}")).collect();
+    let want: Vec<String> = (0..30)
+        .step_by(3)
+        .map(|i| format!("bad item {i}"))
+        .collect();
     assert_eq!(*messages.lock().unwrap(), want);
 }
 
@@ -260,7 +274,10 @@ fn handler_errors_without_a_hook_are_counted() {
         b.add(i).unwrap();
     }
     let report = b.close().unwrap();
-    assert_eq!((report.items, report.batches, report.handler_errors), (10, 5, 5));
+    assert_eq!(
+        (report.items, report.batches, report.handler_errors),
+        (10, 5, 5)
+    );
 }
 
 // ---- 11: builder errors ----------------------------------------------------------
@@ -277,41 +294,89 @@ fn spawn_err<T: Send + 'static>(builder: snail_std::Builder<T>) -> BuildError {
 
 #[test]
 fn builder_rejects_zero_sizes() {
-    assert!(matches!(spawn_err(Batcher::<u64>::builder().batch_size(0)), BuildError::ZeroBatchSize));
+    assert!(matches!(
+        spawn_err(Batcher::<u64>::builder().batch_size(0)),
+        BuildError::ZeroBatchSize
+    ));
     assert!(matches!(
         spawn_err(Batcher::<u64>::builder().batch_size(0).queue_size(0)),
         BuildError::ZeroBatchSize
     ));
-    assert!(matches!(spawn_err(Batcher::<u64>::builder().shards(0)), BuildError::ZeroShards));
+    assert!(matches!(
+        spawn_err(Batcher::<u64>::builder().shards(0)),
+        BuildError::ZeroShards
+    ));
 }
 
 #[test]
 fn builder_rejects_absurd_sizes() {
     let too_large = |e: BuildError| assert!(matches!(e, BuildError::TooLarge), "{e:?}");
-    too_large(spawn_err(Batcher::<u64>::builder().batch_size(1).queue_size(usize::MAX)));
-    too_large(spawn_err(Batcher::<u64>::builder().batch_size(2).queue_size(usize::MAX)));
+    too_large(spawn_err(
+        Batcher::<u64>::builder()
+            .batch_size(1)
+            .queue_size(usize::MAX),
+    ));
+    too_large(spawn_err(
+        Batcher::<u64>::builder()
+            .batch_size(2)
+            .queue_size(usize::MAX),
+    ));
     too_large(spawn_err(Batcher::<u64>::builder().queue_size(usize::MAX)));
-    too_large(spawn_err(Batcher::<u64>::builder().batch_size(usize::MAX).queue_size(0)));
+    too_large(spawn_err(
+        Batcher::<u64>::builder()
+            .batch_size(usize::MAX)
+            .queue_size(0),
+    ));
     too_large(spawn_err(Batcher::<u64>::builder().batch_size(usize::MAX)));
-    too_large(spawn_err(Batcher::<u8>::builder().batch_size(usize::MAX / 2).queue_size(0)));
-    too_large(spawn_err(Batcher::<[u8; 64]>::builder().batch_size(usize::MAX / 64).queue_size(0)));
+    too_large(spawn_err(
+        Batcher::<u8>::builder()
+            .batch_size(usize::MAX / 2)
+            .queue_size(0),
+    ));
+    too_large(spawn_err(
+        Batcher::<[u8; 64]>::builder()
+            .batch_size(usize::MAX / 64)
+            .queue_size(0),
+    ));
     // Fits in isize, but no allocator can provide 2^62 bytes.
-    too_large(spawn_err(Batcher::<u64>::builder().batch_size(1 << 59).queue_size(0)));
-    too_large(spawn_err(Batcher::<u8>::builder().batch_size(1 << 61).queue_size(1 << 61)));
+    too_large(spawn_err(
+        Batcher::<u64>::builder().batch_size(1 << 59).queue_size(0),
+    ));
+    too_large(spawn_err(
+        Batcher::<u8>::builder()
+            .batch_size(1 << 61)
+            .queue_size(1 << 61),
+    ));
     // Both factors fit, the product does not.
     too_large(spawn_err(
-        Batcher::<u8>::builder().batch_size(1 << 40).queue_size(1 << 60).shards(usize::MAX),
+        Batcher::<u8>::builder()
+            .batch_size(1 << 40)
+            .queue_size(1 << 60)
+            .shards(usize::MAX),
     ));
 }
 
 #[test]
 fn builder_rejects_absurd_sizes_of_zero_sized_items() {
     // No bytes for the items, but a buffer table of usize::MAX entries.
-    let e = spawn_err(Batcher::<()>::builder().batch_size(1).queue_size(usize::MAX - 1));
+    let e = spawn_err(
+        Batcher::<()>::builder()
+            .batch_size(1)
+            .queue_size(usize::MAX - 1),
+    );
     assert!(matches!(e, BuildError::TooLarge), "{e:?}");
-    let e = spawn_err(Batcher::<()>::builder().batch_size(1).queue_size(usize::MAX - 1).shards(usize::MAX));
+    let e = spawn_err(
+        Batcher::<()>::builder()
+            .batch_size(1)
+            .queue_size(usize::MAX - 1)
+            .shards(usize::MAX),
+    );
     assert!(matches!(e, BuildError::TooLarge), "{e:?}");
-    let e = spawn_err(Batcher::<()>::builder().batch_size(usize::MAX / 2 + 1).queue_size(usize::MAX / 2));
+    let e = spawn_err(
+        Batcher::<()>::builder()
+            .batch_size(usize::MAX / 2 + 1)
+            .queue_size(usize::MAX / 2),
+    );
     assert!(matches!(e, BuildError::TooLarge), "{e:?}");
 }
 
@@ -364,15 +429,23 @@ fn builder_accepts_edge_sizes() {
     assert_eq!(b.close().unwrap().items, 300);
     let mut all: Vec<u32> = rx.iter().flatten().collect();
     all.sort_unstable();
-    let mut want: Vec<u32> = (0..3).flat_map(|t| (0..100).map(move |i| t * 1000 + i)).collect();
+    let mut want: Vec<u32> = (0..3)
+        .flat_map(|t| (0..100).map(move |i| t * 1000 + i))
+        .collect();
     want.sort_unstable();
     assert_eq!(all, want);
 
     // Defaults: 1000 per batch, 1 + 2000/1000 buffers.
-    let b = Batcher::<u8>::builder().spawn(|_| Ok::<(), String>(())).unwrap();
+    let b = Batcher::<u8>::builder()
+        .spawn(|_| Ok::<(), String>(()))
+        .unwrap();
     assert_eq!((b.batch_size(), b.buffers(), b.capacity()), (1000, 3, 3000));
     // queue_size rounds up to whole buffers.
-    let b = Batcher::<u8>::builder().batch_size(10).queue_size(11).spawn(|_| Ok::<(), String>(())).unwrap();
+    let b = Batcher::<u8>::builder()
+        .batch_size(10)
+        .queue_size(11)
+        .spawn(|_| Ok::<(), String>(()))
+        .unwrap();
     assert_eq!(b.buffers(), 3);
     // More shards than buffers are lowered, not refused.
     let b = Batcher::<u8>::builder()
@@ -387,5 +460,9 @@ fn builder_accepts_edge_sizes() {
     }
     assert_eq!(b.close().unwrap().items, 10);
     // batch_size 1, queue_size usize::MAX - 1 overflows nothing but is too large.
-    assert!(Batcher::<u8>::builder().batch_size(usize::MAX).queue_size(usize::MAX).spawn(|_| Ok::<(), String>(())).is_err());
+    assert!(Batcher::<u8>::builder()
+        .batch_size(usize::MAX)
+        .queue_size(usize::MAX)
+        .spawn(|_| Ok::<(), String>(()))
+        .is_err());
 }

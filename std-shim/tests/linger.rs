@@ -43,12 +43,20 @@ fn lone_item_arrives_after_linger_not_before() {
         std::thread::sleep(Duration::from_millis(30));
         let t0 = Instant::now();
         b.add(round).unwrap();
-        let (at, items) = rx.recv_timeout(Duration::from_secs(10)).expect("lone item never delivered");
+        let (at, items) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("lone item never delivered");
         let latency = at - t0;
         observed.push(latency);
         assert_eq!(items, vec![round]);
-        assert!(latency >= EARLY, "round {round}: delivered after {latency:?}, before linger {LINGER:?}");
-        assert!(latency < LINGER + SLACK, "round {round}: delivered after {latency:?}");
+        assert!(
+            latency >= EARLY,
+            "round {round}: delivered after {latency:?}, before linger {LINGER:?}"
+        );
+        assert!(
+            latency < LINGER + SLACK,
+            "round {round}: delivered after {latency:?}"
+        );
     }
     eprintln!("linger {LINGER:?}: lone-item latencies {observed:?}");
     let stats = b.stats();
@@ -71,14 +79,24 @@ fn linger_counts_from_the_first_item() {
         std::thread::sleep(Duration::from_millis(10));
         let t1 = Instant::now();
         let second = b.add(2 * round + 1);
-        let (at, items) = rx.recv_timeout(Duration::from_secs(10)).expect("batch never delivered");
+        let (at, items) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("batch never delivered");
         second.unwrap();
         let latency = at - t0;
-        assert!(latency >= EARLY, "round {round}: delivered {latency:?} after the first item");
-        assert!(latency < LINGER + SLACK, "round {round}: delivered {latency:?} after the first item");
+        assert!(
+            latency >= EARLY,
+            "round {round}: delivered {latency:?} after the first item"
+        );
+        assert!(
+            latency < LINGER + SLACK,
+            "round {round}: delivered {latency:?} after the first item"
+        );
         if items.len() == 1 {
             // The sleep overshot the linger: the first item went alone.
-            let (_, rest) = rx.recv_timeout(Duration::from_secs(10)).expect("second item never delivered");
+            let (_, rest) = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("second item never delivered");
             assert_eq!(rest, vec![2 * round + 1]);
             eprintln!("round {round}: sleep overshot ({:?}), skipped", t1 - t0);
             continue;
@@ -90,7 +108,10 @@ fn linger_counts_from_the_first_item() {
     eprintln!(
         "linger {LINGER:?}, second item 10 ms later: since first {since_first:?}, since second {since_second:?}"
     );
-    assert!(since_second.len() >= 3, "too few rounds with both items in one batch");
+    assert!(
+        since_second.len() >= 3,
+        "too few rounds with both items in one batch"
+    );
     let min = *since_second.iter().min().unwrap();
     assert!(
         min < LINGER,
@@ -107,7 +128,9 @@ fn zero_linger_delivers_promptly() {
         std::thread::sleep(Duration::from_millis(20));
         let t0 = Instant::now();
         b.add(round).unwrap();
-        let (at, items) = rx.recv_timeout(Duration::from_secs(10)).expect("never delivered");
+        let (at, items) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("never delivered");
         assert_eq!(items, vec![round]);
         let latency = at - t0;
         observed.push(latency);
@@ -122,17 +145,27 @@ fn max_linger_waits_for_flush_or_close() {
     let (b, rx) = batcher(Duration::MAX);
     b.add(1).unwrap();
     b.add(2).unwrap();
-    assert!(rx.recv_timeout(Duration::from_millis(1200)).is_err(), "delivered without flush");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(1200)).is_err(),
+        "delivered without flush"
+    );
     assert_eq!(b.stats().held, 2);
     assert!(b.flush());
-    let (_, items) = rx.recv_timeout(Duration::from_secs(10)).expect("flush did not deliver");
+    let (_, items) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("flush did not deliver");
     assert_eq!(items, vec![1, 2]);
     assert!(!b.flush(), "nothing left to flush");
 
     b.add(3).unwrap();
-    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "delivered without flush");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "delivered without flush"
+    );
     let report = b.close().unwrap();
-    let (_, items) = rx.recv_timeout(Duration::from_secs(1)).expect("close did not deliver");
+    let (_, items) = rx
+        .recv_timeout(Duration::from_secs(1))
+        .expect("close did not deliver");
     assert_eq!(items, vec![3]);
     assert_eq!(report.items, 3);
     assert_eq!(report.batches, 2);
@@ -170,6 +203,9 @@ fn lone_item_after_a_full_batch_still_lingers() {
     assert_eq!(n, 1);
     let latency = at - t1;
     eprintln!("lone item after a full batch: delivered after {latency:?} (linger {linger:?})");
-    assert!(latency >= linger - Duration::from_millis(5), "delivered after {latency:?}, before linger {linger:?}");
+    assert!(
+        latency >= linger - Duration::from_millis(5),
+        "delivered after {latency:?}, before linger {linger:?}"
+    );
     b.close().unwrap();
 }

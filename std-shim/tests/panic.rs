@@ -71,7 +71,12 @@ fn handler_panic_releases_blocked_producers_and_loses_nothing_silently() {
     for p in 0..PRODUCERS {
         let (b, in_add, done_tx) = (Arc::clone(&b), Arc::clone(&in_add), done_tx.clone());
         std::thread::spawn(move || {
-            let mut o = Outcome { accepted: 0, refused: 0, first_refusal: None, accepted_after_refusal: 0 };
+            let mut o = Outcome {
+                accepted: 0,
+                refused: 0,
+                first_refusal: None,
+                accepted_after_refusal: 0,
+            };
             for i in 0..PER {
                 let item = ((p as u64) << 32) | i;
                 in_add.fetch_add(1, SeqCst);
@@ -96,18 +101,37 @@ fn handler_panic_releases_blocked_producers_and_loses_nothing_silently() {
     // hanging it.
     let mut outcomes = Vec::new();
     for _ in 0..PRODUCERS {
-        outcomes.push(done_rx.recv_timeout(Duration::from_secs(60)).expect("a producer hung"));
+        outcomes.push(
+            done_rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a producer hung"),
+        );
     }
-    let panicked_at = panicked_at.lock().unwrap().expect("the handler never panicked");
-    assert_eq!(all_blocked.load(SeqCst), PRODUCERS, "not every producer was blocked at the panic");
+    let panicked_at = panicked_at
+        .lock()
+        .unwrap()
+        .expect("the handler never panicked");
+    assert_eq!(
+        all_blocked.load(SeqCst),
+        PRODUCERS,
+        "not every producer was blocked at the panic"
+    );
 
     let mut max_release = Duration::ZERO;
     for (p, o) in outcomes.iter().enumerate() {
-        let first = o.first_refusal.unwrap_or_else(|| panic!("producer {p} was never refused"));
+        let first = o
+            .first_refusal
+            .unwrap_or_else(|| panic!("producer {p} was never refused"));
         let release = first.saturating_duration_since(panicked_at);
         max_release = max_release.max(release);
-        assert!(release < Duration::from_secs(10), "producer {p} released {release:?} after the panic");
-        assert_eq!(o.accepted_after_refusal, 0, "producer {p}: an add succeeded after Closed");
+        assert!(
+            release < Duration::from_secs(10),
+            "producer {p} released {release:?} after the panic"
+        );
+        assert_eq!(
+            o.accepted_after_refusal, 0,
+            "producer {p}: an add succeeded after Closed"
+        );
         assert_eq!(o.accepted + o.refused, PER);
     }
     eprintln!("{PRODUCERS} blocked producers released at most {max_release:?} after the panic");
@@ -115,7 +139,10 @@ fn handler_panic_releases_blocked_producers_and_loses_nothing_silently() {
     assert!(b.is_closed());
     assert!(matches!(b.add(7), Err(Closed(7))));
     assert!(matches!(b.try_add(8), Err(TryAddError::Closed(8))));
-    assert!(matches!(b.add_timeout(9, Duration::from_secs(1)), Err(TryAddError::Closed(9))));
+    assert!(matches!(
+        b.add_timeout(9, Duration::from_secs(1)),
+        Err(TryAddError::Closed(9))
+    ));
 
     let err: HandlerPanicked = b.close().unwrap_err();
     eprintln!("{err}");
@@ -137,7 +164,11 @@ fn handler_panic_releases_blocked_producers_and_loses_nothing_silently() {
         "accepted items neither delivered nor reported dropped: {err:?}"
     );
     assert_eq!(err.report.items + err.batch_items, seen.load(SeqCst));
-    assert_eq!(batches.load(SeqCst), PANIC_ON, "the handler ran after it panicked");
+    assert_eq!(
+        batches.load(SeqCst),
+        PANIC_ON,
+        "the handler ran after it panicked"
+    );
     assert_eq!(b.stats().added, accepted);
     assert_eq!(b.stats().held, 0);
     eprintln!(
@@ -175,7 +206,10 @@ fn handler_panic_with_queued_batches_counts_them_dropped() {
     gate_tx.send(()).unwrap();
     let err = b.close().unwrap_err();
     assert_eq!(err.message, "owned message");
-    assert_eq!((err.batch_items, err.dropped_items, err.report.items), (4, 10, 0));
+    assert_eq!(
+        (err.batch_items, err.dropped_items, err.report.items),
+        (4, 10, 0)
+    );
 }
 
 #[test]

@@ -61,12 +61,10 @@ fn run(label: &str, builder: Builder<u64>, producers: usize, per: u32, seed: u64
                     }
                     continue;
                 }
-                if seq != s.next[p] {
-                    if s.errors.len() < 10 {
-                        let want = s.next[p];
-                        s.errors
-                            .push(format!("producer {p}: got {seq}, expected {want}"));
-                    }
+                if seq != s.next[p] && s.errors.len() < 10 {
+                    let want = s.next[p];
+                    s.errors
+                        .push(format!("producer {p}: got {seq}, expected {want}"));
                 }
                 s.next[p] = seq.wrapping_add(1);
             }
@@ -95,9 +93,7 @@ fn run(label: &str, builder: Builder<u64>, producers: usize, per: u32, seed: u64
                         i += 1;
                     } else if r < 990 {
                         let n = (1 + rng.below(300) as u32).min(per - i);
-                        batcher
-                            .add_many((i..i + n).map(|k| item(p, k)))
-                            .unwrap();
+                        batcher.add_many((i..i + n).map(|k| item(p, k))).unwrap();
                         i += n;
                     } else {
                         batcher.flush();
@@ -111,7 +107,11 @@ fn run(label: &str, builder: Builder<u64>, producers: usize, per: u32, seed: u64
 
     let total = producers as u64 * u64::from(per);
     let s = seen.lock().unwrap();
-    assert!(s.errors.is_empty(), "{label}: order/uniqueness violations: {:?}", s.errors);
+    assert!(
+        s.errors.is_empty(),
+        "{label}: order/uniqueness violations: {:?}",
+        s.errors
+    );
     for (p, &n) in s.next.iter().enumerate() {
         assert_eq!(n, per, "{label}: producer {p} delivered up to {n} of {per}");
     }
@@ -131,7 +131,7 @@ fn run(label: &str, builder: Builder<u64>, producers: usize, per: u32, seed: u64
 #[test]
 fn eight_producers_random_mix_exactly_once_in_order() {
     run(
-        "8x250k batch 64 buffers 4 shards 3",
+        "8x250k batch 64 buffers 4 shards(3)",
         Batcher::builder()
             .batch_size(64)
             .queue_size(192)
@@ -148,7 +148,7 @@ fn eight_producers_random_mix_tiny_buffers() {
     // Heavy back-pressure: two buffers of 7, one shard; partial batches
     // linger for nothing.
     run(
-        "8x20k batch 7 buffers 2 shards 1",
+        "8x20k batch 7 buffers 2 shards(1)",
         Batcher::builder()
             .batch_size(7)
             .queue_size(7)
@@ -162,5 +162,11 @@ fn eight_producers_random_mix_tiny_buffers() {
 
 #[test]
 fn eight_producers_random_mix_default_config() {
-    run("8x50k default builder", Batcher::builder(), 8, 50_000, 0x5eed_0003);
+    run(
+        "8x50k default builder",
+        Batcher::builder(),
+        8,
+        50_000,
+        0x5eed_0003,
+    );
 }
