@@ -876,6 +876,17 @@ mod heap {
             H::new(isize::MAX as usize / 2 + 1, 1, 1).err(),
             Some(SizeError::TooLarge)
         );
+        // Zero-sized items: the slots take no memory, the buffer table does.
+        type Z = HeapStorage<(), SpinLock>;
+        assert_eq!(
+            Z::new(1, usize::MAX / 2, 1).err(),
+            Some(SizeError::TooLarge)
+        );
+        let z: RawBatcher<(), Z> = RawBatcher::with_storage(Z::new(usize::MAX, 1, 1).unwrap());
+        assert_eq!(z.capacity(), usize::MAX);
+        z.try_add(()).unwrap();
+        assert!(z.flush());
+        assert_eq!(z.try_take().unwrap().len(), 1);
         assert!(H::new(1, 1, 1).is_ok());
         assert!(H::new(5, 3, 3).is_ok());
         assert_eq!(
