@@ -55,12 +55,22 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Batch<'a, T, S, L, R> {
         &self.batcher.buffer_slots(self.buffer)[self.start..self.end]
     }
 
+    /// Under loom, records an access to the slots `start..end` (see
+    /// [`RawBatcher::track_slots`]).
+    #[inline(always)]
+    fn track(&self, write: bool) {
+        let start = self.buffer * self.batcher.batch_size() + self.start;
+        self.batcher
+            .track_slots(start, self.end - self.start, write);
+    }
+
     /// Moves every item out, in order, like `Vec::drain(..)`: the batch is
     /// empty afterwards, and the items the iterator does not yield are dropped
     /// with it. If the iterator is leaked, its items are leaked too (never
     /// dropped twice).
     pub fn drain(&mut self) -> Drain<'_, T> {
         let slots = self.live();
+        self.track(true);
         self.start = self.end;
         Drain {
             slots,
@@ -75,6 +85,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> core::ops::Deref for Batch<'_, T
 
     #[inline]
     fn deref(&self) -> &[T] {
+        self.track(false);
         let live = self.live();
         // SAFETY: `Slot<T>` has the layout of `T`; slots `start..end` hold
         // initialised items, owned by this guard, so no one writes them while
@@ -86,6 +97,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> core::ops::Deref for Batch<'_, T
 impl<T, S: Storage<T, L>, L: RawLock, R: Relax> core::ops::DerefMut for Batch<'_, T, S, L, R> {
     #[inline]
     fn deref_mut(&mut self) -> &mut [T] {
+        self.track(true);
         let live = self.live();
         // SAFETY: as for `deref`, and `&mut self` makes this the only access;
         // `UnsafeCell` permits writing through the shared slot slice.
@@ -115,6 +127,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> Drop for Batch<'_, T, S, L, R> {
             }
         }
         let _recycle = Recycle(self.batcher, self.buffer);
+        self.track(true);
         let live = self.live();
         self.start = self.end;
         // SAFETY: the guard owns these initialised items and marked them gone

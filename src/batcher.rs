@@ -553,6 +553,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                     // open buffer and lies past its filled part: only the
                     // holder of this shard's lock touches it, and it holds no
                     // item to overwrite.
+                    self.track_slots(base + st.len, 1, true);
                     unsafe { slots.get_unchecked(base + st.len).get().write(item) };
                     st.len += 1;
                     written.items += 1;
@@ -577,6 +578,25 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     }
 }
 
+impl<T, S: Storage<T, L>, L, R> RawBatcher<T, S, L, R> {
+    /// Under `--cfg snail_loom`, tells loom that slots `start..start + len`
+    /// (indices into all slots) are read now, or written when `write`, so
+    /// that it checks them like its own cells; otherwise does nothing.
+    #[inline(always)]
+    pub(crate) fn track_slots(&self, start: usize, len: usize, write: bool) {
+        #[cfg(snail_loom)]
+        for shadow in &self.storage.shadows()[start..start + len] {
+            if write {
+                shadow.with_mut(|_| ());
+            } else {
+                shadow.with(|_| ());
+            }
+        }
+        #[cfg(not(snail_loom))]
+        let _ = (start, len, write);
+    }
+}
+
 impl<T, S: Storage<T, L>, L, R> Drop for RawBatcher<T, S, L, R> {
     fn drop(&mut self) {
         // `&mut self`: no guard, producer or lock holder is left. Drop the
@@ -589,6 +609,7 @@ impl<T, S: Storage<T, L>, L, R> Drop for RawBatcher<T, S, L, R> {
             // SAFETY: exclusive access (see above).
             let (current, len) = shard.state.with(|st| unsafe { ((*st).current, (*st).len) });
             if current != NONE {
+                self.track_slots(current * batch, len, true);
                 // SAFETY: the first `len` slots of a shard's buffer hold items,
                 // and nothing reads them after this.
                 unsafe {
@@ -603,6 +624,7 @@ impl<T, S: Storage<T, L>, L, R> Drop for RawBatcher<T, S, L, R> {
             // `len` slots hold items, dropped once here.
             unsafe {
                 let len = metas[b].len.with(|p| *p);
+                self.track_slots(b * batch, len, true);
                 crate::storage::drop_slots(&slots[b * batch..b * batch + len]);
                 b = metas[b].next.with(|p| *p);
             }

@@ -22,7 +22,8 @@ pub(crate) const NONE: usize = usize::MAX;
 /// Always a plain `core::cell::UnsafeCell`, also under loom: consumers see a
 /// batch as one `&[T]`, which needs `Slot<T>` to have the layout of `T`.
 /// Access to slots is ordered by the shard and queue locks, whose state loom
-/// does track.
+/// does track; under loom each slot also has a loom cell, its [`Shadow`],
+/// that every slot access touches.
 #[repr(transparent)]
 pub struct Slot<T>(core::cell::UnsafeCell<MaybeUninit<T>>);
 
@@ -38,6 +39,12 @@ impl<T> Slot<T> {
         self.0.get().cast()
     }
 }
+
+/// Under `--cfg snail_loom`: one loom cell per slot, at the slot's index,
+/// touched on every access to that slot, so that loom checks the slot
+/// accesses too. The slots themselves stay plain cells (see [`Slot`]).
+#[cfg(snail_loom)]
+pub(crate) type Shadow = UnsafeCell<()>;
 
 /// What the queue lock protects about one buffer: its link in the free list
 /// or the sealed queue, and its length once sealed.
@@ -105,6 +112,9 @@ pub(crate) mod sealed {
         fn metas(&self) -> &[BufferMeta];
         /// At least 1 and at most `metas().len()` shards.
         fn shards(&self) -> &[Shard<L>];
+        /// Under loom: one shadow cell per slot.
+        #[cfg(snail_loom)]
+        fn shadows(&self) -> &[super::Shadow];
     }
 }
 
@@ -120,6 +130,8 @@ pub struct ArrayStorage<T, const BATCH: usize, const BUFFERS: usize, L, const SH
     shards: [Shard<L>; SHARDS],
     metas: [BufferMeta; BUFFERS],
     slots: [[Slot<T>; BATCH]; BUFFERS],
+    #[cfg(snail_loom)]
+    shadows: [[Shadow; BATCH]; BUFFERS],
 }
 
 impl<T, const BATCH: usize, const BUFFERS: usize, L: RawLock, const SHARDS: usize>
@@ -151,6 +163,7 @@ impl<T, const BATCH: usize, const BUFFERS: usize, L: RawLock, const SHARDS: usiz
             shards: core::array::from_fn(|_| new_shard::<L>()),
             metas: core::array::from_fn(|_| BufferMeta::new()),
             slots: [const { [const { Slot::<T>::new() }; BATCH] }; BUFFERS],
+            shadows: core::array::from_fn(|_| core::array::from_fn(|_| Shadow::new(()))),
         }
     }
 }
@@ -165,6 +178,10 @@ impl<T, const BATCH: usize, const BUFFERS: usize, L, const SHARDS: usize> sealed
     #[inline(always)]
     fn slots(&self) -> &[Slot<T>] {
         self.slots.as_flattened()
+    }
+    #[cfg(snail_loom)]
+    fn shadows(&self) -> &[Shadow] {
+        self.shadows.as_flattened()
     }
     #[inline(always)]
     fn metas(&self) -> &[BufferMeta] {
@@ -188,6 +205,8 @@ pub struct HeapStorage<T, L> {
     shards: alloc::boxed::Box<[Shard<L>]>,
     metas: alloc::boxed::Box<[BufferMeta]>,
     slots: alloc::boxed::Box<[Slot<T>]>,
+    #[cfg(snail_loom)]
+    shadows: alloc::boxed::Box<[Shadow]>,
 }
 
 /// Why [`HeapStorage::new`] refused its sizes.
@@ -261,6 +280,8 @@ impl<T, L: RawLock> HeapStorage<T, L> {
             shards: try_collect(shards, new_shard::<L>)?,
             metas: try_collect(buffers, BufferMeta::new)?,
             slots: slots.into_boxed_slice(),
+            #[cfg(snail_loom)]
+            shadows: try_collect(total, || Shadow::new(()))?,
         })
     }
 }
@@ -287,6 +308,10 @@ impl<T, L> sealed::StorageImpl<T, L> for HeapStorage<T, L> {
     #[inline(always)]
     fn slots(&self) -> &[Slot<T>] {
         &self.slots
+    }
+    #[cfg(snail_loom)]
+    fn shadows(&self) -> &[Shadow] {
+        &self.shadows
     }
     #[inline(always)]
     fn metas(&self) -> &[BufferMeta] {
