@@ -548,12 +548,12 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                 let base = st.current * batch;
                 loop {
                     debug_assert!(st.len < batch && base + st.len < slots.len());
+                    self.track_slots(base + st.len, 1, true);
                     // SAFETY: `current < buffers` and `len < batch`, so the
                     // index is in bounds. The slot belongs to this shard's
                     // open buffer and lies past its filled part: only the
                     // holder of this shard's lock touches it, and it holds no
                     // item to overwrite.
-                    self.track_slots(base + st.len, 1, true);
                     unsafe { slots.get_unchecked(base + st.len).get().write(item) };
                     st.len += 1;
                     written.items += 1;
