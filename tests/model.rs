@@ -143,7 +143,9 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn ops() -> impl Strategy<Value = Vec<Op>> {
-    prop::collection::vec(op(), 0..80)
+    // Miri runs each case some thousand times slower: shorter sequences.
+    let max = if cfg!(miri) { 40 } else { 80 };
+    prop::collection::vec(op(), 0..max)
 }
 
 // ---------------------------------------------------------------------------
