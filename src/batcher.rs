@@ -319,14 +319,8 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     /// one.
     pub fn flush(&self) -> bool {
         let mut sealed = false;
-        for shard in self.storage.shards() {
-            sealed |= with_shard(shard, |st| {
-                let had = st.len > 0;
-                if had {
-                    self.seal(st, Reason::Flush);
-                }
-                had
-            });
+        for shard in 0..self.shards() {
+            sealed |= self.producer(shard).flush();
         }
         sealed
     }
@@ -759,6 +753,18 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Producer<'a, T, S, L, R> {
             self.batcher.count_refusal();
         }
         (done, refused)
+    }
+
+    /// Seals this shard's partial batch now, if it has one. Returns `true`
+    /// if it sealed one.
+    pub fn flush(&self) -> bool {
+        with_shard(self.shard, |st| {
+            let had = st.len > 0;
+            if had {
+                self.batcher.seal(st, Reason::Flush);
+            }
+            had
+        })
     }
 
     #[inline(always)]

@@ -57,7 +57,10 @@ pub(crate) use maybe_const_fn;
 #[inline(always)]
 pub(crate) fn relax<R: crate::relax::Relax>() {
     #[cfg(snail_loom)]
-    loom::thread::yield_now();
+    {
+        let _hook = core::marker::PhantomData::<R>;
+        loom::thread::yield_now();
+    }
     #[cfg(not(snail_loom))]
     R::relax();
 }

@@ -69,9 +69,13 @@ pub(crate) struct Shared<T> {
     /// `None`: partial batches wait for `flush` or close.
     pub(crate) linger: Option<Duration>,
     pub(crate) start: Instant,
-    /// When the oldest partial batch got its first item: nanoseconds since
-    /// `start`, plus one; 0 when no partial batch is known.
-    pub(crate) oldest: AtomicU64,
+    /// Per shard: when its partial batch got its first item, in nanoseconds
+    /// since `start`, plus one; 0 when it has none (or the worker already
+    /// sealed it). May be stale (older) after a batch sealed full, which
+    /// only makes the worker look at that shard early.
+    pub(crate) opened: Box<[AtomicU64]>,
+    /// `shards - 1`; the shard count is a power of two.
+    mask: usize,
     /// The worker is about to park or parked: unpark it after sealing.
     pub(crate) worker_idle: AtomicBool,
     pub(crate) worker: OnceLock<Thread>,
@@ -180,8 +184,8 @@ impl<T: Send + 'static> Builder<T> {
         self
     }
 
-    /// Called on the worker thread with each error the handler returns,
-    /// after it is counted.
+    /// Called on the worker thread with each error the handler returns (the
+    /// error is also counted in [`Report::handler_errors`]).
     pub fn on_error(mut self, hook: impl FnMut(&dyn fmt::Display) + Send + 'static) -> Self {
         self.on_error = Some(Box::new(hook));
         self
@@ -226,7 +230,8 @@ impl<T: Send + 'static> Builder<T> {
             core: Core::with_storage(storage),
             linger: (self.linger != Duration::MAX).then_some(self.linger),
             start: Instant::now(),
-            oldest: AtomicU64::new(0),
+            opened: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            mask: shards - 1,
             worker_idle: AtomicBool::new(false),
             worker: OnceLock::new(),
             closing: AtomicBool::new(false),
@@ -308,19 +313,20 @@ impl<T: Send + 'static> Batcher<T> {
 }
 
 impl<T> Batcher<T> {
+    /// This thread's shard, and a producer for it. A thread always gets the
+    /// same shard, so its items stay in order.
     #[inline]
-    fn producer(&self) -> snail::Producer<'_, T, Storage<T>, Lock, Yield> {
-        // `shards` is a power of two: a mask picks the shard.
-        self.shared
-            .core
-            .producer(thread_number() & (self.shared.core.shards() - 1))
+    fn producer(&self) -> (usize, snail::Producer<'_, T, Storage<T>, Lock, Yield>) {
+        let shard = thread_number() & self.shared.mask;
+        (shard, self.shared.core.producer(shard))
     }
 
-    /// After an accepted add: start the linger clock, wake the worker.
+    /// After an accepted add: start the shard's linger clock, wake the
+    /// worker.
     #[inline]
-    fn added(&self, done: Added) {
+    fn added(&self, shard: usize, done: Added) {
         if done.opened && self.shared.linger.is_some() {
-            self.note_open();
+            self.note_open(shard);
         }
         if done.sealed {
             self.shared.wake_worker();
@@ -328,17 +334,12 @@ impl<T> Batcher<T> {
     }
 
     #[cold]
-    fn note_open(&self) {
+    fn note_open(&self, shard: usize) {
         let shared = &*self.shared;
-        if shared.oldest.load(Relaxed) == 0 {
-            let now = shared.now_nanos() + 1;
-            if shared
-                .oldest
-                .compare_exchange(0, now, SeqCst, Relaxed)
-                .is_ok()
-            {
-                shared.wake_worker();
-            }
+        let now = shared.now_nanos() + 1;
+        // A worker with no clock to watch may be parked without a deadline.
+        if shared.opened[shard].swap(now, SeqCst) == 0 {
+            shared.wake_worker();
         }
     }
 
@@ -351,9 +352,10 @@ impl<T> Batcher<T> {
     /// item back.
     #[inline]
     pub fn try_add(&self, item: T) -> Result<(), TryAddError<T>> {
-        match self.producer().try_add(item) {
+        let (shard, producer) = self.producer();
+        match producer.try_add(item) {
             Ok(done) => {
-                self.added(done);
+                self.added(shard, done);
                 Ok(())
             }
             Err(Full(item)) => Err(self.refusal(item)),
@@ -395,10 +397,10 @@ impl<T> Batcher<T> {
     /// closed; the items after it are left in the iterator, which is dropped.
     pub fn add_many<I: IntoIterator<Item = T>>(&self, items: I) -> Result<(), Closed<T>> {
         let mut iter = items.into_iter();
-        let producer = self.producer();
+        let (shard, producer) = self.producer();
         loop {
             let (done, refused) = producer.try_extend(&mut iter);
-            self.added(done);
+            self.added(shard, done);
             match refused {
                 None => return Ok(()),
                 Some(item) => self.add(item)?,
@@ -416,9 +418,10 @@ impl<T> Batcher<T> {
 
     #[inline]
     fn add_until(&self, item: T, deadline: Option<Instant>) -> Result<(), TryAddError<T>> {
-        match self.producer().add_with(item, || false) {
+        let (shard, producer) = self.producer();
+        match producer.add_with(item, || false) {
             Ok(done) => {
-                self.added(done);
+                self.added(shard, done);
                 Ok(())
             }
             Err(Full(item)) if self.shared.core.is_closed() => Err(TryAddError::Closed(item)),
@@ -435,7 +438,8 @@ impl<T> Batcher<T> {
         let mut attempts = 0u32;
         let mut registered = false;
         let mut seen = 0;
-        let result = self.producer().add_with(item, || {
+        let (shard, producer) = self.producer();
+        let result = producer.add_with(item, || {
             attempts += 1;
             if let Some(deadline) = deadline {
                 if Instant::now() >= deadline {
@@ -473,7 +477,7 @@ impl<T> Batcher<T> {
         }
         match result {
             Ok(done) => {
-                self.added(done);
+                self.added(shard, done);
                 Ok(())
             }
             Err(Full(item)) => Err(self.refusal(item)),

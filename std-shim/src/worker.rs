@@ -27,6 +27,8 @@ where
     E: fmt::Display,
 {
     let mut report = Report::default();
+    // The linger stamps as last read, one per shard (allocated once).
+    let mut seen = vec![0u64; shared.opened.len()];
     loop {
         // Read before draining: once `closing` is set every accepted item
         // is in a sealed batch, so the drain below finds them all.
@@ -61,22 +63,38 @@ where
             return Ok(report);
         }
 
+        // Linger: seal each shard's partial batch once its first item is
+        // `linger` old.
         let mut park = IDLE_PARK;
-        let oldest = shared.oldest.load(SeqCst);
-        if let (Some(linger), true) = (shared.linger, oldest != 0) {
+        let mut lingered = false;
+        if let Some(linger) = shared.linger {
             let linger = u64::try_from(linger.as_nanos()).unwrap_or(u64::MAX);
-            let due = (oldest - 1).saturating_add(linger);
             let now = shared.now_nanos();
-            if now >= due {
-                // Clear first: a batch opened after the flush below sets a
-                // new start time; one opened before it is sealed by it.
-                shared.oldest.store(0, SeqCst);
-                if shared.core.flush() {
+            for (shard, opened) in shared.opened.iter().enumerate() {
+                let stamp = opened.load(SeqCst);
+                seen[shard] = stamp;
+                if stamp == 0 {
+                    continue;
+                }
+                let due = (stamp - 1).saturating_add(linger);
+                if now < due {
+                    park = park.min(Duration::from_nanos(due - now));
+                    continue;
+                }
+                // Clear, then seal: a batch opened after the flush sets a
+                // new stamp; one opened before it is sealed by it. If the
+                // stamp changed, its batch was sealed full already and a
+                // newer one is timing.
+                if opened.compare_exchange(stamp, 0, SeqCst, Relaxed).is_ok()
+                    && shared.core.producer(shard).flush()
+                {
                     shared.lingered.fetch_add(1, Relaxed);
                 }
-                continue;
+                lingered = true;
             }
-            park = park.min(Duration::from_nanos(due - now));
+        }
+        if lingered {
+            continue;
         }
 
         // Announce the park, then look again: a producer that sealed a batch
@@ -85,7 +103,11 @@ where
         shared.worker_idle.store(true, SeqCst);
         if shared.core.has_sealed()
             || shared.closing.load(SeqCst)
-            || shared.oldest.load(SeqCst) != oldest
+            || shared
+                .opened
+                .iter()
+                .zip(&seen)
+                .any(|(o, &s)| o.load(SeqCst) != s)
         {
             shared.worker_idle.store(false, Relaxed);
             continue;

@@ -172,13 +172,11 @@ fn max_linger_waits_for_flush_or_close() {
     assert_eq!(b.stats().lingered, 0);
 }
 
-/// Known bug (not fixed here): the shim keeps one linger clock, started
-/// when a batch opens and cleared only when the linger flush runs. A batch
-/// sealed because it was full leaves its clock running, and the next
-/// partial batch inherits it: with linger 200 ms, a lone item added 150 ms
-/// after a full batch is flushed about 50 ms after it was added.
+/// A batch sealed because it was full must not pass its linger clock on
+/// to the next partial batch: with linger 200 ms, a lone item added 150 ms
+/// after a full batch still waits the whole 200 ms. (Fixed bug: with one
+/// clock per batcher it was flushed about 50 ms after it was added.)
 #[test]
-#[ignore = "known bug: a full batch's linger clock is inherited by the next partial batch"]
 fn lone_item_after_a_full_batch_still_lingers() {
     let linger = Duration::from_millis(200);
     let (tx, rx) = mpsc::channel();
