@@ -33,9 +33,11 @@ fn options() -> Result<Options, String> {
             "--rate" => opts.rate = value.parse().ok().filter(|&r| r > 0).ok_or_else(bad)?,
             "--secs" => opts.secs = value.parse().ok().filter(|&s| s > 0.0).ok_or_else(bad)?,
             "--linger-us" => opts.linger = Duration::from_micros(value.parse().map_err(|_| bad())?),
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "usage: latency [--rate ITEMS_PER_S] [--secs S] [--linger-us US] (unknown {key})"
-            )),
+            ))
+            }
         }
     }
     Ok(opts)

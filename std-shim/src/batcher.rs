@@ -284,6 +284,7 @@ impl<T> fmt::Debug for Batcher<T> {
 
 /// A small number per thread, fixed for the thread's life: it picks the
 /// thread's shard, so one thread's items stay in order.
+#[inline]
 fn thread_number() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local!(static NUMBER: Cell<usize> = const { Cell::new(usize::MAX) });
