@@ -289,10 +289,7 @@ impl<T, L: RawLock> HeapStorage<T, L> {
 /// `n` values from `f`, or [`SizeError::TooLarge`] if they do not fit in
 /// memory (instead of a capacity-overflow panic or an allocation abort).
 #[cfg(feature = "alloc")]
-fn try_collect<X>(
-    n: usize,
-    mut f: impl FnMut() -> X,
-) -> Result<alloc::boxed::Box<[X]>, SizeError> {
+fn try_collect<X>(n: usize, mut f: impl FnMut() -> X) -> Result<alloc::boxed::Box<[X]>, SizeError> {
     let mut v = alloc::vec::Vec::new();
     v.try_reserve_exact(n).map_err(|_| SizeError::TooLarge)?;
     v.extend((0..n).map(|_| f()));
