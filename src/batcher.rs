@@ -118,6 +118,11 @@ struct Hub<L> {
     /// Copy of `Queue::free`, read without the lock so that a producer
     /// waiting for a buffer does not hammer the queue lock.
     free_hint: AtomicUsize,
+    /// Copy of `Queue::sealed_items`, so a consumer can poll for work
+    /// without taking the lock. Written and read `SeqCst`: a consumer that
+    /// announces it will sleep and then reads 0 here is sure to be seen by
+    /// the producer sealing the next batch.
+    sealed_hint: AtomicUsize,
     closed: AtomicBool,
     refused: AtomicUsize,
 }
@@ -199,6 +204,7 @@ impl<L: RawLock> Hub<L> {
                     taken: 0,
                 }),
                 free_hint: AtomicUsize::new(buffers),
+                sealed_hint: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
                 refused: AtomicUsize::new(0),
             }
@@ -378,6 +384,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                 q.sealed_tail = NONE;
             }
             q.sealed_items -= len;
+            self.hub.sealed_hint.store(q.sealed_items, Ordering::SeqCst);
             q.taken = q.taken.wrapping_add(1);
             Some((b, len))
         })?;
@@ -385,8 +392,13 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     }
 
     /// `true` if a sealed batch is waiting to be taken.
+    ///
+    /// Lock-free (one `SeqCst` load), so a consumer can poll it. A `true`
+    /// may be taken by another consumer first; a `false` read after a
+    /// `SeqCst` store of the consumer's own "about to sleep" flag is not
+    /// missed by a producer that seals afterwards and then reads that flag.
     pub fn has_sealed(&self) -> bool {
-        self.hub.with_queue(|q| q.sealed_head != NONE)
+        self.hub.sealed_hint.load(Ordering::SeqCst) > 0
     }
 
     /// Items accepted and not yet taken (in partial and sealed batches).
@@ -479,6 +491,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
             }
             q.sealed_tail = b;
             q.sealed_items += len;
+            self.hub.sealed_hint.store(q.sealed_items, Ordering::SeqCst);
             let counter = match reason {
                 Reason::Full => &mut q.sealed_full,
                 Reason::Flush => &mut q.sealed_flush,

@@ -108,6 +108,12 @@ impl<T> Shared<T> {
         }
     }
 
+    /// `true` if a producer is sleeping (or about to) until a buffer is
+    /// freed.
+    pub(crate) fn producers_sleeping(&self) -> bool {
+        self.waiters.load(Relaxed) > 0
+    }
+
     /// Tells sleeping producers that a buffer was freed (or the batcher
     /// closed).
     pub(crate) fn notify_freed(&self) {

@@ -15,6 +15,9 @@ use crate::error::HandlerPanicked;
 /// unpark it when there is work).
 const IDLE_PARK: Duration = Duration::from_secs(1);
 
+/// Yields, looking for a sealed batch after each, before the worker parks.
+const YIELDS_BEFORE_PARK: u32 = 8;
+
 /// The worker's loop; returns when the batcher is closed and drained, or
 /// right after the handler panicked.
 pub(crate) fn run<T, F, E>(
@@ -94,6 +97,20 @@ where
             }
         }
         if lingered {
+            continue;
+        }
+
+        // Under load the next batch is often a few microseconds away, and a
+        // park/unpark pair costs the sealing producer a syscall: yield a few
+        // times first, unless producers are already sleeping for a buffer
+        // (oversubscribed: then parking, and being woken, gets the worker
+        // back on a CPU sooner than queueing behind them).
+        if !shared.producers_sleeping()
+            && (0..YIELDS_BEFORE_PARK).any(|_| {
+                thread::yield_now();
+                shared.core.has_sealed()
+            })
+        {
             continue;
         }
 
