@@ -318,45 +318,46 @@ fn snail_core(producers: usize, items: u64) -> Duration {
 /// `recv`s into a local batch of 1000.
 fn crossbeam(producers: usize, items: u64) -> Duration {
     let (tx, rx) = crossbeam_channel::bounded::<u64>(QUEUE);
-    let tx = &tx;
-    harness(
+    channel_peer(
         "crossbeam",
         producers,
         items,
-        move || {
-            let mut tally = Tally::default();
-            let mut batch = Vec::with_capacity(BATCH);
-            while tally.count < items {
-                batch.push(rx.recv().expect("senders gone"));
-                if batch.len() == BATCH || tally.count + batch.len() as u64 == items {
-                    tally.add(&batch);
-                    batch.clear();
-                }
-            }
-            (tally, Instant::now())
-        },
-        |p, n| {
-            for seq in 0..n {
-                tx.send(item(p, seq)).expect("receiver gone");
-            }
-        },
-        || {},
+        move || rx.recv().expect("senders gone"),
+        |x| tx.send(x).expect("receiver gone"),
     )
 }
 
 /// `std::sync::mpsc::sync_channel(2000)`, used like crossbeam above.
 fn std_mpsc(producers: usize, items: u64) -> Duration {
     let (tx, rx) = mpsc::sync_channel::<u64>(QUEUE);
-    let tx = &tx;
-    harness(
+    channel_peer(
         "std mpsc",
+        producers,
+        items,
+        move || rx.recv().expect("senders gone"),
+        |x| tx.send(x).expect("receiver gone"),
+    )
+}
+
+/// A bounded channel used as a user would: one `send` per item, the
+/// consumer `recv`s into a local batch of 1000 and sums each batch.
+fn channel_peer(
+    what: &str,
+    producers: usize,
+    items: u64,
+    recv: impl FnMut() -> u64 + Send,
+    send: impl Fn(u64) + Sync,
+) -> Duration {
+    let mut recv = recv;
+    harness(
+        what,
         producers,
         items,
         move || {
             let mut tally = Tally::default();
             let mut batch = Vec::with_capacity(BATCH);
             while tally.count < items {
-                batch.push(rx.recv().expect("senders gone"));
+                batch.push(recv());
                 if batch.len() == BATCH || tally.count + batch.len() as u64 == items {
                     tally.add(&batch);
                     batch.clear();
@@ -366,7 +367,7 @@ fn std_mpsc(producers: usize, items: u64) -> Duration {
         },
         |p, n| {
             for seq in 0..n {
-                tx.send(item(p, seq)).expect("receiver gone");
+                send(item(p, seq));
             }
         },
         || {},
