@@ -402,15 +402,20 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     }
 
     /// Items accepted and not yet taken (in partial and sealed batches).
-    /// Exact when nothing runs concurrently, a moment's estimate otherwise.
+    /// Exact when nothing runs concurrently, a moment's estimate otherwise,
+    /// never above [`capacity`](Self::capacity).
     pub fn len(&self) -> usize {
+        // Sealed first: items only move from shards to the queue, so none is
+        // counted twice. A batch taken and its buffer refilled while we read
+        // could still be counted in both; the clamp keeps that within bounds.
+        let sealed = self.hub.with_queue(|q| q.sealed_items);
         let partial: usize = self
             .storage
             .shards()
             .iter()
             .map(|s| with_shard(s, |st| st.len))
             .sum();
-        partial + self.hub.with_queue(|q| q.sealed_items)
+        (sealed + partial).min(self.capacity())
     }
 
     /// `true` if [`len`](Self::len) is 0.
@@ -577,6 +582,47 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
             }
             done.items = written.items;
             (done, None)
+        })
+    }
+
+    /// Writes one item into the shard: [`push_in`](Self::push_in) for one
+    /// item, with the common case (room in the open buffer) first.
+    #[inline(always)]
+    fn push_one(&self, shard: &ShardInner<L>, item: T) -> Result<Added, T> {
+        let batch = self.storage.batch();
+        let slots = self.storage.slots();
+        with_shard(shard, |st| {
+            let mut done = Added {
+                items: 1,
+                ..Added::default()
+            };
+            if st.current == NONE {
+                match self.open() {
+                    Some(b) => {
+                        st.current = b;
+                        st.ticked = false;
+                        done.opened = true;
+                    }
+                    None => return Err(item),
+                }
+            }
+            let index = st.current * batch + st.len;
+            debug_assert!(st.len < batch && index < slots.len());
+            self.track_slots(index, 1, true);
+            // SAFETY: `current < buffers` and `len < batch`, so the index is
+            // in bounds. The slot belongs to this shard's open buffer and lies
+            // past its filled part: only the holder of this shard's lock
+            // touches it, and it holds no item to overwrite.
+            unsafe { slots.get_unchecked(index).get().write(item) };
+            st.len += 1;
+            // Only written under the shard lock: a plain store suffices.
+            let added = shard.added.load(Ordering::Relaxed).wrapping_add(1);
+            shard.added.store(added, Ordering::Relaxed);
+            if st.len == batch {
+                self.seal(st, Reason::Full);
+                done.sealed = true;
+            }
+            Ok(done)
         })
     }
 
@@ -782,10 +828,6 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Producer<'a, T, S, L, R> {
 
     #[inline(always)]
     fn push(&self, item: T) -> Result<Added, T> {
-        let mut item = Some(item);
-        match self.batcher.push_in(self.shard, || item.take()) {
-            (_, Some(back)) => Err(back),
-            (done, None) => Ok(done),
-        }
+        self.batcher.push_one(self.shard, item)
     }
 }

@@ -1,7 +1,6 @@
 //! The std batcher: the core algorithm plus a worker thread, linger and
 //! sleeping back-pressure.
 
-use std::cell::Cell;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
@@ -10,11 +9,13 @@ use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use snail::relax::Yield;
-use snail::{Added, Full, HeapStorage, RawBatcher, SizeError, SpinLock};
+use snail::{Added, BiasedLock, Full, HeapStorage, RawBatcher, SizeError};
+
+use crate::bias::{thread_number, ThreadBias};
 
 use crate::error::{BuildError, Closed, HandlerPanicked, TryAddError};
 
-type Lock = SpinLock<Yield>;
+type Lock = BiasedLock<ThreadBias, Yield>;
 type Storage<T> = HeapStorage<T, Lock>;
 pub(crate) type Core<T> = RawBatcher<T, Storage<T>, Lock, Yield>;
 
@@ -212,6 +213,7 @@ impl<T: Send + 'static> Builder<T> {
         if self.batch_size == 0 {
             return Err(BuildError::ZeroBatchSize);
         }
+        crate::bias::init();
         let buffers = self
             .queue_size
             .div_ceil(self.batch_size)
@@ -286,22 +288,6 @@ impl<T> fmt::Debug for Batcher<T> {
             .field("closed", &self.shared.core.is_closed())
             .finish_non_exhaustive()
     }
-}
-
-/// A small number per thread, fixed for the thread's life: it picks the
-/// thread's shard, so one thread's items stay in order.
-#[inline]
-fn thread_number() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local!(static NUMBER: Cell<usize> = const { Cell::new(usize::MAX) });
-    NUMBER.with(|n| {
-        let mut v = n.get();
-        if v == usize::MAX {
-            v = NEXT.fetch_add(1, Relaxed) & (usize::MAX >> 1);
-            n.set(v);
-        }
-        v
-    })
 }
 
 impl<T: Send + 'static> Batcher<T> {

@@ -60,6 +60,7 @@
 #![deny(missing_docs)]
 
 mod batcher;
+pub mod bias;
 mod error;
 mod worker;
 

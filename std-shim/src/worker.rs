@@ -6,7 +6,7 @@ use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::*;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::batcher::{Batch, ErrorHook, Report, Shared};
 use crate::error::HandlerPanicked;
@@ -15,8 +15,9 @@ use crate::error::HandlerPanicked;
 /// unpark it when there is work).
 const IDLE_PARK: Duration = Duration::from_secs(1);
 
-/// Yields, looking for a sealed batch after each, before the worker parks.
-const YIELDS_BEFORE_PARK: u32 = 8;
+/// How long the worker yields, looking for a sealed batch after each yield,
+/// before it parks.
+const POLL_BEFORE_PARK: Duration = Duration::from_micros(50);
 
 /// The worker's loop; returns when the batcher is closed and drained, or
 /// right after the handler panicked.
@@ -105,12 +106,7 @@ where
         // times first, unless producers are already sleeping for a buffer
         // (oversubscribed: then parking, and being woken, gets the worker
         // back on a CPU sooner than queueing behind them).
-        if !shared.producers_sleeping()
-            && (0..YIELDS_BEFORE_PARK).any(|_| {
-                thread::yield_now();
-                shared.core.has_sealed()
-            })
-        {
+        if !shared.producers_sleeping() && poll_for_batch(shared) {
             continue;
         }
 
@@ -131,6 +127,21 @@ where
         }
         thread::park_timeout(park);
         shared.worker_idle.store(false, Relaxed);
+    }
+}
+
+/// Yields until a sealed batch shows up (`true`) or [`POLL_BEFORE_PARK`]
+/// has passed (`false`).
+fn poll_for_batch<T>(shared: &Shared<T>) -> bool {
+    let start = Instant::now();
+    loop {
+        thread::yield_now();
+        if shared.core.has_sealed() {
+            return true;
+        }
+        if start.elapsed() >= POLL_BEFORE_PARK {
+            return false;
+        }
     }
 }
 

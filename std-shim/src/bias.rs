@@ -1,0 +1,145 @@
+//! The [`Bias`] of the shim's shard locks: a number per thread, and Linux
+//! `membarrier` as the heavy half of an asymmetric fence.
+//!
+//! A shard lock that one thread keeps taking alone becomes biased to it (see
+//! [`snail::BiasedLock`]): the thread then enters with plain stores and a
+//! compiler fence, and a thread that wants the shard back (the worker, for
+//! linger or close) pays one `membarrier` system call, which makes every
+//! running thread of the process execute a full memory barrier. Where the
+//! call is missing (not Linux, old kernels, seccomp filters) both halves are
+//! `fence(SeqCst)`: correct, and as fast as a plain spin lock.
+
+use std::cell::Cell;
+use std::sync::atomic::{compiler_fence, fence, AtomicU8, AtomicUsize, Ordering::*};
+
+use snail::Bias;
+
+/// `membarrier` not probed yet: fence fully on both sides.
+const UNKNOWN: u8 = 0;
+/// Registered for `MEMBARRIER_CMD_PRIVATE_EXPEDITED`.
+const EXPEDITED: u8 = 1;
+/// Not available: fence fully on both sides.
+const FENCES: u8 = 2;
+
+static MEMBARRIER: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// Probes and registers `membarrier` once per process. Called before the
+/// first shim batcher exists, so every thread that reaches a batcher's
+/// locks was created, or got the batcher, after this store.
+pub(crate) fn init() {
+    if MEMBARRIER.load(Acquire) == UNKNOWN {
+        let state = if sys::register() { EXPEDITED } else { FENCES };
+        MEMBARRIER.store(state, Release);
+    }
+}
+
+/// `true` if the light fence is only a compiler fence in this process.
+pub fn expedited() -> bool {
+    MEMBARRIER.load(Relaxed) == EXPEDITED
+}
+
+/// A small number per thread, fixed for the thread's life and never reused:
+/// it picks the thread's shard and identifies the thread to a biased lock.
+#[inline]
+pub(crate) fn thread_number() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(1);
+    thread_local!(static NUMBER: Cell<usize> = const { Cell::new(0) });
+    NUMBER.with(|n| {
+        let mut v = n.get();
+        if v == 0 {
+            v = next_number(&NEXT);
+            n.set(v);
+        }
+        v
+    })
+}
+
+#[cold]
+fn next_number(next: &AtomicUsize) -> usize {
+    let v = next.fetch_add(1, Relaxed);
+    // 2^63 threads would wrap into 0 or `usize::MAX`; no process gets there,
+    // but a wrong id would break the lock, so refuse rather than reuse.
+    assert!(
+        v != 0 && v < usize::MAX / 2,
+        "snail-std: thread numbers exhausted"
+    );
+    v
+}
+
+/// The shim's [`Bias`]: a number per thread, never reused, and `membarrier`.
+#[derive(Debug)]
+pub struct ThreadBias;
+
+// SAFETY: `thread_number` is per thread, starts at 1, is never reused, and
+// stays below `usize::MAX`. The fences: with `membarrier` registered, the
+// heavy fence makes every other running thread of the process execute a
+// full barrier before it returns (and a thread that is not running was
+// switched out, which is a full barrier), so a compiler fence on the light
+// side pairs with it like two SeqCst fences. Otherwise both are SeqCst
+// fences. The state only moves from `UNKNOWN` once, before any lock exists.
+unsafe impl Bias for ThreadBias {
+    #[inline(always)]
+    fn thread_id() -> usize {
+        thread_number()
+    }
+
+    #[inline(always)]
+    fn light() {
+        if MEMBARRIER.load(Relaxed) == EXPEDITED {
+            compiler_fence(SeqCst);
+        } else {
+            fence(SeqCst);
+        }
+    }
+
+    #[cold]
+    fn heavy() {
+        if MEMBARRIER.load(Relaxed) == EXPEDITED {
+            sys::barrier();
+        } else {
+            fence(SeqCst);
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod sys {
+    use std::os::raw::c_long;
+
+    const QUERY: c_long = 0;
+    const PRIVATE_EXPEDITED: c_long = 1 << 3;
+    const REGISTER_PRIVATE_EXPEDITED: c_long = 1 << 4;
+
+    fn membarrier(cmd: c_long) -> c_long {
+        // SAFETY: membarrier takes two integer arguments and touches no
+        // memory of ours.
+        unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0 as c_long) }
+    }
+
+    pub(super) fn register() -> bool {
+        let supported = membarrier(QUERY);
+        supported > 0
+            && supported & PRIVATE_EXPEDITED != 0
+            && membarrier(REGISTER_PRIVATE_EXPEDITED) == 0
+    }
+
+    pub(super) fn barrier() {
+        // Registered above, so it cannot fail; if it did, the biased locks
+        // would no longer exclude each other: stop rather than corrupt.
+        if membarrier(PRIVATE_EXPEDITED) != 0 {
+            eprintln!("snail-std: membarrier failed after registration");
+            std::process::abort();
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod sys {
+    pub(super) fn register() -> bool {
+        false
+    }
+
+    pub(super) fn barrier() {
+        unreachable!("membarrier is only registered on Linux")
+    }
+}
