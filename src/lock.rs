@@ -277,29 +277,33 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
     #[inline(never)]
     fn lock_slow<T>(&self, me: usize, f: impl FnOnce() -> T) -> T {
         let mut contended = false;
-        loop {
-            if self
-                .locked
-                .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
-                break;
-            }
+        'acquire: while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             contended = true;
-            let owner = self.owner.load(Ordering::Relaxed);
-            if owner != UNBIASED && owner != REVOKING && owner != me {
-                // Acquire: pairs with the Release store that made `owner`
-                // the owner, for what it wrote on its way there.
-                if self
-                    .owner
-                    .compare_exchange(owner, REVOKING, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    self.revoke();
+            // Wait with loads, not compare-exchanges, so that the holder
+            // keeps the line; revoke an owner, which never lets go by itself.
+            loop {
+                let owner = self.owner.load(Ordering::Relaxed);
+                if owner != UNBIASED && owner != REVOKING && owner != me {
+                    // Acquire: pairs with the Release store that made `owner`
+                    // the owner, for what it wrote on its way there.
+                    if self
+                        .owner
+                        .compare_exchange(owner, REVOKING, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        self.revoke();
+                        break 'acquire;
+                    }
+                }
+                crate::sync::relax::<R>();
+                if !self.locked.load(Ordering::Relaxed) {
                     break;
                 }
             }
-            crate::sync::relax::<R>();
         }
         // `locked` is held: the bookkeeping below is ours alone.
         let streak = if contended {
