@@ -132,6 +132,14 @@ fn main() -> ExitCode {
     );
     println!("- machine: {}", machine());
     println!(
+        "- snail-std shard locks: biased, revoked with {}",
+        if snail_std::bias::expedited_after_probe() {
+            "membarrier (owner enters with a compiler fence)"
+        } else {
+            "SeqCst fences (membarrier unavailable: no faster than a spin lock)"
+        }
+    );
+    println!(
         "- {} items per run, batch {}, queue {}, add_many chunks of {}",
         opts.items,
         workload::BATCH,

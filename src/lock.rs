@@ -209,6 +209,15 @@ impl<B, R> BiasedLock<B, R> {
     }
 }
 
+impl<B, R> BiasedLock<B, R> {
+    /// `true` if the lock is biased to a thread at this moment (a snapshot,
+    /// for tests and diagnostics).
+    pub fn is_biased(&self) -> bool {
+        let owner = self.owner.load(Ordering::Relaxed);
+        owner != UNBIASED && owner != REVOKING
+    }
+}
+
 impl<B, R> Default for BiasedLock<B, R> {
     fn default() -> Self {
         Self::new()
@@ -277,12 +286,18 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
     #[inline(never)]
     fn lock_slow<T>(&self, me: usize, f: impl FnOnce() -> T) -> T {
         let mut contended = false;
-        'acquire: while self
-            .locked
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            contended = true;
+        'acquire: loop {
+            match self.locked.compare_exchange_weak(
+                false,
+                true,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                // A spurious failure (LL/SC targets, Miri) is no contention.
+                Err(false) => continue,
+                Err(true) => contended = true,
+            }
             // Wait with loads, not compare-exchanges, so that the holder
             // keeps the line; revoke an owner, which never lets go by itself.
             loop {

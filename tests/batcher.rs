@@ -1366,3 +1366,149 @@ mod critical_section_lock {
         many_producers_one_consumer(&b, 3, n, |_| 0);
     }
 }
+
+// ---------------------------------------------------------------------------
+// The biased lock, on std threads
+// ---------------------------------------------------------------------------
+
+mod biased {
+    use super::*;
+    use snail::{Bias, BiasedLock};
+
+    /// Thread numbers from a counter, `SeqCst` fences on both sides: the
+    /// portable form of a [`Bias`] (the std shim's uses `membarrier`).
+    struct StdBias;
+
+    // SAFETY: one number per thread from a global counter starting at 1,
+    // never reused; both fences are `fence(SeqCst)`.
+    unsafe impl Bias for StdBias {
+        fn thread_id() -> usize {
+            static NEXT: AtomicUsize = AtomicUsize::new(1);
+            thread_local!(static ID: Cell<usize> = const { Cell::new(0) });
+            ID.with(|id| {
+                if id.get() == 0 {
+                    id.set(NEXT.fetch_add(1, Ordering::Relaxed));
+                }
+                id.get()
+            })
+        }
+
+        fn light() {
+            std::sync::atomic::fence(Ordering::SeqCst);
+        }
+
+        fn heavy() {
+            std::sync::atomic::fence(Ordering::SeqCst);
+        }
+    }
+
+    type Lock = BiasedLock<StdBias>;
+
+    /// A counter that is only ever touched under `lock`.
+    struct Guarded {
+        lock: Lock,
+        count: std::cell::UnsafeCell<u64>,
+    }
+
+    // SAFETY: `count` is only accessed inside `lock.lock`.
+    unsafe impl Sync for Guarded {}
+
+    impl Guarded {
+        fn bump(&self) {
+            // SAFETY: under the lock, the only access.
+            self.lock.lock(|| unsafe { *self.count.get() += 1 });
+        }
+    }
+
+    /// One thread takes the lock long enough alone to own it; then three
+    /// more join, each revoking and contending. No increment is lost (a
+    /// non-atomic read-modify-write: two threads inside at once would lose
+    /// some, and Miri would report the race).
+    #[test]
+    fn owner_then_contenders_count_exactly() {
+        let g = Guarded {
+            lock: Lock::new(),
+            count: std::cell::UnsafeCell::new(0),
+        };
+        let (alone, each) = if cfg!(miri) {
+            (100, 50)
+        } else {
+            (10_000, 100_000)
+        };
+        for _ in 0..alone {
+            g.bump();
+        }
+        assert!(g.lock.is_biased(), "a lone thread came to own the lock");
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| (0..each).for_each(|_| g.bump()));
+            }
+            (0..each).for_each(|_| g.bump());
+        });
+        let total = g.lock.lock(|| {
+            // SAFETY: under the lock.
+            unsafe { *g.count.get() }
+        });
+        assert_eq!(total, alone + 4 * each);
+    }
+
+    /// Threads take turns: each runs alone for a while (long enough to own
+    /// the lock), then hands over, so ownership moves from thread to thread.
+    #[test]
+    fn ownership_moves_between_threads() {
+        let g = Guarded {
+            lock: Lock::new(),
+            count: std::cell::UnsafeCell::new(0),
+        };
+        let turn = AtomicUsize::new(0);
+        let (threads, rounds, run) = if cfg!(miri) { (2, 2, 80) } else { (4, 50, 500) };
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (g, turn) = (&g, &turn);
+                s.spawn(move || {
+                    for r in 0..rounds {
+                        while turn.load(Ordering::Acquire) != r * threads + t {
+                            std::thread::yield_now();
+                        }
+                        (0..run).for_each(|_| g.bump());
+                        turn.fetch_add(1, Ordering::Release);
+                    }
+                });
+            }
+        });
+        // SAFETY: under the lock.
+        let total = g.lock.lock(|| unsafe { *g.count.get() });
+        assert_eq!(total, (threads * rounds * run) as u64);
+    }
+
+    /// A sharded batcher on biased locks, as the std shim builds it: four
+    /// producers on two shards and a consumer that flushes (revoking the
+    /// owners) whenever it finds nothing sealed. Every item once, in order.
+    #[test]
+    fn sharded_batcher_on_biased_locks() {
+        let b: ShardedBatcher<u64, 32, 6, 2, Lock> = ShardedBatcher::new();
+        let n = if cfg!(miri) { 100 } else { 50_000 };
+        many_producers_one_consumer(&b, 4, n, |p| p % 2);
+        assert_eq!(b.stats().added, 4 * n as usize);
+    }
+
+    /// A closure that panics inside the owner's path leaves the lock usable.
+    #[test]
+    fn panic_inside_the_owned_lock_releases_it() {
+        let g = Guarded {
+            lock: Lock::new(),
+            count: std::cell::UnsafeCell::new(0),
+        };
+        for _ in 0..200 {
+            g.bump();
+        }
+        let r = catch_unwind(AssertUnwindSafe(|| g.lock.lock(|| panic!("inside"))));
+        assert!(r.is_err());
+        g.bump();
+        std::thread::scope(|s| {
+            s.spawn(|| g.bump());
+        });
+        // SAFETY: under the lock.
+        assert_eq!(g.lock.lock(|| unsafe { *g.count.get() }), 202);
+    }
+}

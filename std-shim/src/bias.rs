@@ -23,9 +23,10 @@ const FENCES: u8 = 2;
 
 static MEMBARRIER: AtomicU8 = AtomicU8::new(UNKNOWN);
 
-/// Probes and registers `membarrier` once per process. Called before the
-/// first shim batcher exists, so every thread that reaches a batcher's
-/// locks was created, or got the batcher, after this store.
+/// Probes and registers `membarrier` once per process (again if two threads
+/// race here; registering twice is harmless). `Builder::spawn` calls it, and
+/// so does every heavy fence, so `ThreadBias` is correct without it: until
+/// a thread reads the result, its light fences are full fences.
 pub(crate) fn init() {
     if MEMBARRIER.load(Acquire) == UNKNOWN {
         let state = if sys::register() { EXPEDITED } else { FENCES };
@@ -33,9 +34,12 @@ pub(crate) fn init() {
     }
 }
 
-/// `true` if the light fence is only a compiler fence in this process.
-pub fn expedited() -> bool {
-    MEMBARRIER.load(Relaxed) == EXPEDITED
+/// Probes `membarrier` if that was not done yet, and returns `true` if
+/// [`ThreadBias`]'s light fence is only a compiler fence in this process
+/// (`false`: both fences are `fence(SeqCst)`).
+pub fn expedited_after_probe() -> bool {
+    init();
+    MEMBARRIER.load(Acquire) == EXPEDITED
 }
 
 /// A small number per thread, fixed for the thread's life and never reused:
@@ -76,7 +80,9 @@ pub struct ThreadBias;
 // full barrier before it returns (and a thread that is not running was
 // switched out, which is a full barrier), so a compiler fence on the light
 // side pairs with it like two SeqCst fences. Otherwise both are SeqCst
-// fences. The state only moves from `UNKNOWN` once, before any lock exists.
+// fences. The state moves from `UNKNOWN` to one final value (probing gives
+// the same answer every time); a light fence that reads `UNKNOWN` is a full
+// fence, and a heavy fence probes first, so it never reads `UNKNOWN`.
 unsafe impl Bias for ThreadBias {
     #[inline(always)]
     fn thread_id() -> usize {
@@ -94,6 +100,10 @@ unsafe impl Bias for ThreadBias {
 
     #[cold]
     fn heavy() {
+        // Probe here too: a heavy fence that read a stale `UNKNOWN` while
+        // some owner already reads `EXPEDITED` (and only fences its compiler)
+        // must still issue the system call.
+        init();
         if MEMBARRIER.load(Relaxed) == EXPEDITED {
             sys::barrier();
         } else {
