@@ -44,6 +44,13 @@ fn add_alone<L: RawLock>(core: &Core<L>, iters: u64) {
     black_box(sum);
 }
 
+/// Times `run(iters)` for criterion's `iter_custom`.
+fn timed(iters: u64, run: impl FnOnce(u64)) -> Duration {
+    let start = std::time::Instant::now();
+    run(iters);
+    start.elapsed()
+}
+
 fn locks(c: &mut Criterion) {
     // Registers `membarrier` (as `Batcher::spawn` would).
     let _ = snail_std::bias::expedited_after_probe();
@@ -53,19 +60,11 @@ fn locks(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(2));
     group.bench_function("spin", |b| {
         let lock = Spin::new();
-        b.iter_custom(|iters| {
-            let start = std::time::Instant::now();
-            lock_alone(&lock, iters);
-            start.elapsed()
-        })
+        b.iter_custom(|iters| timed(iters, |n| lock_alone(&lock, n)))
     });
     group.bench_function("biased", |b| {
         let lock = Biased::new();
-        b.iter_custom(|iters| {
-            let start = std::time::Instant::now();
-            lock_alone(&lock, iters);
-            start.elapsed()
-        })
+        b.iter_custom(|iters| timed(iters, |n| lock_alone(&lock, n)))
     });
     group.finish();
 
@@ -75,19 +74,11 @@ fn locks(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(2));
     group.bench_function("spin", |b| {
         let core = Core::<Spin>::new();
-        b.iter_custom(|iters| {
-            let start = std::time::Instant::now();
-            add_alone(&core, iters);
-            start.elapsed()
-        })
+        b.iter_custom(|iters| timed(iters, |n| add_alone(&core, n)))
     });
     group.bench_function("biased", |b| {
         let core = Core::<Biased>::new();
-        b.iter_custom(|iters| {
-            let start = std::time::Instant::now();
-            add_alone(&core, iters);
-            start.elapsed()
-        })
+        b.iter_custom(|iters| timed(iters, |n| add_alone(&core, n)))
     });
     group.finish();
 }

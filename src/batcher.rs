@@ -474,6 +474,21 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
         })
     }
 
+    /// Gives a shard without a buffer a free one; `false` if there is none
+    /// (or the batcher is closed). Called with the shard lock held.
+    #[inline(always)]
+    fn open_for(&self, st: &mut ShardState) -> bool {
+        debug_assert!(st.current == NONE);
+        match self.open() {
+            Some(b) => {
+                st.current = b;
+                st.ticked = false;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Moves a shard's current buffer to the tail of the sealed queue.
     /// Called with the shard lock held, and `st.len > 0`.
     fn seal(&self, st: &mut ShardState, reason: Reason) {
@@ -544,17 +559,11 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
             };
             'items: while let Some(mut item) = next() {
                 if st.current == NONE {
-                    match self.open() {
-                        Some(b) => {
-                            st.current = b;
-                            st.ticked = false;
-                            done.opened = true;
-                        }
-                        None => {
-                            done.items = written.items;
-                            return (done, Some(item));
-                        }
+                    if !self.open_for(st) {
+                        done.items = written.items;
+                        return (done, Some(item));
                     }
+                    done.opened = true;
                 }
                 // Fill the open buffer without looking for a buffer again.
                 let base = st.current * batch;
@@ -597,14 +606,10 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                 ..Added::default()
             };
             if st.current == NONE {
-                match self.open() {
-                    Some(b) => {
-                        st.current = b;
-                        st.ticked = false;
-                        done.opened = true;
-                    }
-                    None => return Err(item),
+                if !self.open_for(st) {
+                    return Err(item);
                 }
+                done.opened = true;
             }
             let index = st.current * batch + st.len;
             debug_assert!(st.len < batch && index < slots.len());
