@@ -483,10 +483,31 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
             Some(b) => {
                 st.current = b;
                 st.ticked = false;
+                crate::prefetch::opening(self.buffer_base(b), self.buffer_bytes());
                 true
             }
             None => false,
         }
+    }
+
+    /// Where buffer `b`'s slots start, for prefetching only.
+    #[inline(always)]
+    fn buffer_base(&self, b: usize) -> *const u8 {
+        let batch = self.storage.batch();
+        self.storage.slots().as_ptr().wrapping_add(b * batch).cast()
+    }
+
+    /// Bytes in one buffer's slots.
+    #[inline(always)]
+    fn buffer_bytes(&self) -> usize {
+        self.storage.batch() * core::mem::size_of::<T>()
+    }
+
+    /// After writing slot `len` of buffer `b`: prefetch a line ahead.
+    #[inline(always)]
+    fn prefetch_after(&self, b: usize, len: usize) {
+        let size = core::mem::size_of::<T>();
+        crate::prefetch::after_write(self.buffer_base(b), len * size, size, self.buffer_bytes());
     }
 
     /// Moves a shard's current buffer to the tail of the sealed queue.
@@ -576,6 +597,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                     // holder of this shard's lock touches it, and it holds no
                     // item to overwrite.
                     unsafe { slots.get_unchecked(base + st.len).get().write(item) };
+                    self.prefetch_after(st.current, st.len);
                     st.len += 1;
                     written.items += 1;
                     if st.len == batch {
@@ -619,6 +641,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
             // past its filled part: only the holder of this shard's lock
             // touches it, and it holds no item to overwrite.
             unsafe { slots.get_unchecked(index).get().write(item) };
+            self.prefetch_after(st.current, st.len);
             st.len += 1;
             // Only written under the shard lock: a plain store suffices.
             let added = shard.added.load(Ordering::Relaxed).wrapping_add(1);

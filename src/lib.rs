@@ -105,6 +105,7 @@ mod batcher;
 mod error;
 mod lock;
 mod pad;
+mod prefetch;
 pub mod relax;
 mod stats;
 mod storage;
