@@ -1037,16 +1037,18 @@ fn many_producers_one_consumer<S, L, R>(
     let finished = AtomicUsize::new(0);
     let mut batches = 0usize;
     std::thread::scope(|s| {
-        for p in 0..producers {
-            let (finished, shard_of) = (&finished, &shard_of);
-            s.spawn(move || {
-                let producer = b.producer(shard_of(p));
-                for i in 0..per_producer {
-                    producer.add(((p as u64) << 32) | i).unwrap();
-                }
-                finished.fetch_add(1, Ordering::Release);
-            });
-        }
+        let handles: Vec<_> = (0..producers)
+            .map(|p| {
+                let (finished, shard_of) = (&finished, &shard_of);
+                s.spawn(move || {
+                    let producer = b.producer(shard_of(p));
+                    for i in 0..per_producer {
+                        producer.add(((p as u64) << 32) | i).unwrap();
+                    }
+                    finished.fetch_add(1, Ordering::Release);
+                })
+            })
+            .collect();
         loop {
             if let Some(mut batch) = b.try_take() {
                 batches += 1;
@@ -1065,8 +1067,17 @@ fn many_producers_one_consumer<S, L, R>(
                 if !b.flush() && b.is_empty() {
                     break;
                 }
+            } else if handles.iter().all(|h| h.is_finished()) {
+                // A producer ended without finishing: it panicked. Stop
+                // waiting for it; the join below re-raises its panic.
+                break;
             } else {
                 std::thread::yield_now();
+            }
+        }
+        for h in handles {
+            if let Err(panic) = h.join() {
+                std::panic::resume_unwind(panic);
             }
         }
     });
