@@ -1062,15 +1062,15 @@ fn many_producers_one_consumer<S, L, R>(
                     assert_eq!(i, next[p], "producer {p} out of order");
                     next[p] += 1;
                 }
-            } else if finished.load(Ordering::Acquire) == producers {
-                // Producers are done: seal what is left, take it, stop when empty.
+            } else if finished.load(Ordering::Acquire) == producers
+                || handles.iter().all(|h| h.is_finished())
+            {
+                // Producers are done (or one panicked, which the join below
+                // re-raises): seal what is left, take it, stop when empty.
+                // The shard locks taken by `flush` order their last writes.
                 if !b.flush() && b.is_empty() {
                     break;
                 }
-            } else if handles.iter().all(|h| h.is_finished()) {
-                // A producer ended without finishing: it panicked. Stop
-                // waiting for it; the join below re-raises its panic.
-                break;
             } else {
                 std::thread::yield_now();
             }
