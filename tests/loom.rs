@@ -1022,20 +1022,13 @@ fn spin_lock_loop_mutual_exclusion() {
     model("spin_lock_loop_mutual_exclusion", || {
         let lock = Arc::new(<SpinLock<Loop> as RawLock>::new());
         let count = Arc::new(UnsafeCell::new(0usize));
-        let increment = |count: &UnsafeCell<usize>| {
-            count.with_mut(|c| {
-                // SAFETY: the counter is only touched under the lock, which
-                // is what loom checks here.
-                unsafe { *c += 1 }
-            })
-        };
         let other = {
             let (lock, count) = (lock.clone(), count.clone());
-            thread::spawn(move || lock.lock(|| increment(&count)))
+            thread::spawn(move || count_under(&*lock, &count))
         };
-        lock.lock(|| increment(&count));
+        count_under(&*lock, &count);
         other.join().unwrap();
-        // SAFETY: as above.
+        // SAFETY: as in `count_under`.
         assert_eq!(lock.lock(|| count.with(|c| unsafe { *c })), 2);
     });
 }
