@@ -118,7 +118,7 @@ pub use batcher::{Added, Batcher, Producer, RawBatcher, ShardedBatcher};
 pub use error::{Closed, Full};
 #[cfg(feature = "critical-section")]
 pub use lock::CsLock;
-pub use lock::{Bias, BiasedLock, RawLock, SpinLock};
+pub use lock::{Bias, BiasSlot, BiasedLock, RawLock, SpinLock};
 pub use stats::Stats;
 pub use storage::{ArrayStorage, Storage};
 #[cfg(feature = "alloc")]

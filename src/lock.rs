@@ -16,8 +16,9 @@
 
 use core::marker::PhantomData;
 
+use crate::pad::CachePadded;
 use crate::relax::{Relax, Spin};
-use crate::sync::{maybe_const_fn, AtomicBool, AtomicUsize, Ordering};
+use crate::sync::{maybe_const_fn, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 /// A lock that runs closures one at a time.
 ///
@@ -114,8 +115,41 @@ unsafe impl<R: Relax> RawLock for SpinLock<R> {
     }
 }
 
-/// What a [`BiasedLock`] needs from the platform: a number per thread and a
-/// pair of fences of unequal cost.
+/// Where a thread marks itself inside a [`BiasedLock`] it owns.
+///
+/// A [`Bias`] gives each thread a slot of its own. The lock remembers its
+/// owner's slot, so an owner only ever writes to its own slot: a thread that
+/// read "I own this lock" just before losing it, and marks itself inside
+/// late, disturbs nobody (with one flag per lock, such a late mark could hide
+/// the next owner from a revoker). Create slots with `BiasSlot::new()` and
+/// keep them alive for the rest of the program (leak them, or keep them in a
+/// pool), as locks refer to them.
+#[derive(Debug)]
+pub struct BiasSlot {
+    /// The address of the lock this thread is inside on the owner's path,
+    /// or 0. Padded: each thread writes its own on every entry.
+    inside: CachePadded<AtomicUsize>,
+}
+
+impl BiasSlot {
+    maybe_const_fn! {
+        /// Returns a slot that is inside no lock.
+        pub fn new() -> Self {
+            Self {
+                inside: CachePadded(AtomicUsize::new(0)),
+            }
+        }
+    }
+}
+
+impl Default for BiasSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a [`BiasedLock`] needs from the platform: a [`BiasSlot`] per thread
+/// and a pair of fences of unequal cost.
 ///
 /// The owner of a biased lock runs [`light`](Self::light) on every entry;
 /// a thread that takes the ownership away runs [`heavy`](Self::heavy) once.
@@ -125,17 +159,18 @@ unsafe impl<R: Relax> RawLock for SpinLock<R> {
 ///
 /// # Safety
 ///
-/// - [`thread_id`](Self::thread_id) returns the same value every time it is
-///   called on one thread, never 0 or `usize::MAX`, and never the value of
-///   another thread that is running at the same time. A value may pass from a
-///   finished thread to a new one only through synchronisation (for example
-///   a lock around a pool of numbers).
+/// - [`slot`](Self::slot) returns a slot that no other running thread uses:
+///   normally the same one on every call from a thread; a thread may also
+///   get a slot that no thread used before (for example while its
+///   thread-locals are being destroyed). A slot may pass from a finished
+///   thread to a new one only through synchronisation (for example a lock
+///   around a pool of slots).
 /// - A `light()` in one thread and a `heavy()` in another order memory like two
 ///   `fence(SeqCst)`: when each thread stores, then fences, then loads what
 ///   the other stored, at least one of the loads sees the other's store.
 pub unsafe trait Bias {
-    /// The calling thread's number.
-    fn thread_id() -> usize;
+    /// The calling thread's slot.
+    fn slot() -> &'static BiasSlot;
     /// The owner's fence, run on every uncontended entry.
     fn light();
     /// The revoker's fence, run when ownership is taken away.
@@ -152,33 +187,58 @@ const REVOKING: usize = usize::MAX;
 const FIRST_THRESHOLD: usize = 64;
 #[cfg(snail_loom)]
 const FIRST_THRESHOLD: usize = 1;
-/// The threshold doubles with every revocation, up to this.
+/// A revocation doubles the threshold, up to this, unless the bias paid off.
 const MAX_THRESHOLD: usize = 1 << 20;
+/// A bias whose owner entered at least this often before it was revoked
+/// paid for its revocation many times over: the threshold goes back to
+/// [`FIRST_THRESHOLD`]. (A revocation costs about what a few hundred
+/// unbiased entries cost; an owner's entry saves a read-modify-write.)
+#[cfg(not(snail_loom))]
+const PAID_OFF: usize = 4096;
+#[cfg(snail_loom)]
+const PAID_OFF: usize = 1;
+
+/// A thread's identity for a lock: its slot's address (never 0 or
+/// `usize::MAX`).
+#[inline(always)]
+fn id(slot: &BiasSlot) -> usize {
+    slot as *const BiasSlot as usize
+}
 
 /// A spin lock biased towards the thread that uses it alone.
 ///
-/// After one thread has taken the lock 64 times in a
-/// row without meeting another, the lock stays held on its behalf between
-/// calls: it becomes the lock's owner. The owner enters by storing a flag,
-/// running [`Bias::light`] and checking that it still owns the lock, and
-/// leaves by clearing the flag: no read-modify-write on its path. A thread
-/// that finds the lock owned by another revokes the ownership (one
-/// compare-exchange and [`Bias::heavy`]), waits until the owner is outside
-/// the lock, and takes it. Each revocation doubles the number of lone
-/// entries needed before the lock is biased again (up to about a million),
-/// so a lock that threads share stops being biased and behaves like a
-/// [`SpinLock`].
+/// After one thread has taken the lock 64 times in a row without meeting
+/// another, the lock stays held on its behalf between calls: it becomes the
+/// lock's owner. The owner enters by marking its [`BiasSlot`], running
+/// [`Bias::light`] and checking that it still owns the lock, and leaves by
+/// clearing the mark: no read-modify-write on its path. A thread that finds
+/// the lock owned by another revokes the ownership (one compare-exchange and
+/// [`Bias::heavy`]), waits until the owner is outside the lock, and takes
+/// it.
 ///
-/// It suits a producer shard used by one thread at a time, where the
-/// consumer only rarely needs the shard (linger, flush, close). It is
-/// not interrupt-safe.
+/// A revocation that comes early (the owner entered fewer than 4096 times)
+/// doubles the number of lone entries needed before the lock is biased
+/// again, up to about a million, so a lock that threads use at the same time
+/// stops being biased and behaves like a [`SpinLock`]. A revocation after a
+/// long bias resets that number to 64: threads that take turns, such as more
+/// producers than cores, each running for a scheduler time slice, keep the
+/// lock biased.
+///
+/// An owner that calls into another biased lock from inside this one takes
+/// that one the ordinary way. A closure that calls back into the same lock
+/// waits forever, as with a spin lock. It suits a producer shard used by one
+/// thread at a time, where the consumer only rarely needs the shard (linger,
+/// flush, close). It is not interrupt-safe.
 pub struct BiasedLock<B, R = Spin> {
     /// Held by a thread inside the lock, or on the owner's behalf.
     locked: AtomicBool,
-    /// The owner is inside the lock on its fast path.
-    busy: AtomicBool,
-    /// The owner's [`Bias::thread_id`], `UNBIASED` or `REVOKING`.
+    /// The owner's [`id`], `UNBIASED` or `REVOKING`.
     owner: AtomicUsize,
+    /// The owner's slot; written before `owner` by the thread granting the
+    /// ownership, read by the thread that revokes it.
+    owner_slot: AtomicPtr<BiasSlot>,
+    /// The owner's entries since the grant, counted inside the lock.
+    entries: AtomicUsize,
     /// The following three are only touched with `locked` held.
     last: AtomicUsize,
     streak: AtomicUsize,
@@ -196,8 +256,9 @@ impl<B, R> BiasedLock<B, R> {
         pub fn new() -> Self {
             Self {
                 locked: AtomicBool::new(false),
-                busy: AtomicBool::new(false),
                 owner: AtomicUsize::new(UNBIASED),
+                owner_slot: AtomicPtr::new(core::ptr::null_mut()),
+                entries: AtomicUsize::new(0),
                 last: AtomicUsize::new(UNBIASED),
                 streak: AtomicUsize::new(0),
                 threshold: AtomicUsize::new(FIRST_THRESHOLD),
@@ -216,6 +277,12 @@ impl<B, R> BiasedLock<B, R> {
         let owner = self.owner.load(Ordering::Relaxed);
         owner != UNBIASED && owner != REVOKING
     }
+
+    /// What an owner stores in its slot while inside this lock.
+    #[inline(always)]
+    fn addr(&self) -> usize {
+        self as *const Self as usize
+    }
 }
 
 impl<B, R> Default for BiasedLock<B, R> {
@@ -228,18 +295,18 @@ impl<B, R> core::fmt::Debug for BiasedLock<B, R> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("BiasedLock")
             .field("locked", &self.locked.load(Ordering::Relaxed))
-            .field("owner", &self.owner.load(Ordering::Relaxed))
+            .field("biased", &self.is_biased())
             .finish_non_exhaustive()
     }
 }
 
-/// Clears the owner's `busy` flag when dropped, also during unwinding.
-struct LeaveOwned<'a>(&'a AtomicBool);
+/// Clears the owner's mark when dropped, also during unwinding.
+struct LeaveOwned<'a>(&'a AtomicUsize);
 
 impl Drop for LeaveOwned<'_> {
     #[inline(always)]
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.store(0, Ordering::Release);
     }
 }
 
@@ -247,18 +314,24 @@ impl Drop for LeaveOwned<'_> {
 /// to its new owner (keeping it held) or releases it.
 struct LeaveLocked<'a, B, R> {
     lock: &'a BiasedLock<B, R>,
-    grant: usize,
+    grant: Option<&'static BiasSlot>,
 }
 
 impl<B, R> Drop for LeaveLocked<'_, B, R> {
     #[inline]
     fn drop(&mut self) {
-        if self.grant == UNBIASED {
-            self.lock.locked.store(false, Ordering::Release);
-        } else {
-            // Release: a revoker that reads this with its Acquire
-            // compare-exchange sees what the closure wrote.
-            self.lock.owner.store(self.grant, Ordering::Release);
+        match self.grant {
+            None => self.lock.locked.store(false, Ordering::Release),
+            Some(slot) => {
+                let lock = self.lock;
+                lock.entries.store(0, Ordering::Relaxed);
+                lock.owner_slot
+                    .store(slot as *const BiasSlot as *mut BiasSlot, Ordering::Relaxed);
+                // Release: a revoker that reads this with its Acquire
+                // compare-exchange sees the two stores above and what the
+                // closure wrote.
+                lock.owner.store(id(slot), Ordering::Release);
+            }
         }
     }
 }
@@ -280,11 +353,13 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
         B::heavy();
     }
 
-    /// Takes the lock the ordinary way, revoking an owner if there is one,
-    /// then runs `f`.
+    /// Takes the lock the ordinary way, revoking an owner if there is one
+    /// (this thread too, when it comes here from inside another biased lock
+    /// it owns), then runs `f`.
     #[cold]
     #[inline(never)]
-    fn lock_slow<T>(&self, me: usize, f: impl FnOnce() -> T) -> T {
+    fn lock_slow<T>(&self, slot: &'static BiasSlot, f: impl FnOnce() -> T) -> T {
+        let me = id(slot);
         let mut contended = false;
         'acquire: loop {
             match self.locked.compare_exchange_weak(
@@ -302,17 +377,17 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
             // keeps the line; revoke an owner, which never lets go by itself.
             loop {
                 let owner = self.owner.load(Ordering::Relaxed);
-                if owner != UNBIASED && owner != REVOKING && owner != me {
-                    // Acquire: pairs with the Release store that made `owner`
-                    // the owner, for what it wrote on its way there.
-                    if self
+                // Acquire: pairs with the Release store that made `owner`
+                // the owner, for its slot and what it wrote on its way there.
+                if owner != UNBIASED
+                    && owner != REVOKING
+                    && self
                         .owner
                         .compare_exchange(owner, REVOKING, Ordering::Acquire, Ordering::Relaxed)
                         .is_ok()
-                    {
-                        self.revoke();
-                        break 'acquire;
-                    }
+                {
+                    self.revoke();
+                    break 'acquire;
                 }
                 crate::sync::relax::<R>();
                 if !self.locked.load(Ordering::Relaxed) {
@@ -330,9 +405,9 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
         };
         self.last.store(me, Ordering::Relaxed);
         let threshold = self.threshold.load(Ordering::Relaxed);
-        let grant = if streak >= threshold { me } else { UNBIASED };
+        let grant = (streak >= threshold).then_some(slot);
         self.streak
-            .store(if grant == me { 0 } else { streak }, Ordering::Relaxed);
+            .store(if grant.is_some() { 0 } else { streak }, Ordering::Relaxed);
         let _leave = LeaveLocked { lock: self, grant };
         f()
     }
@@ -342,33 +417,51 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
     /// the owner's behalf), now by the caller.
     #[cold]
     fn revoke(&self) {
-        // The old owner stores `busy`, fences lightly, then reads `owner`;
-        // we stored `owner`, fence heavily, then read `busy`. So either it
+        // The old owner marks its slot, fences lightly, then reads `owner`;
+        // we stored `owner`, fence heavily, then read its slot. So either it
         // sees `REVOKING` and backs off, or we see it inside and wait.
         self.heavy();
-        while self.busy.load(Ordering::Acquire) {
+        let slot = self.owner_slot.load(Ordering::Relaxed);
+        // SAFETY: `owner` held an id when we replaced it, so a grant stored
+        // the owner's slot here before it (our Acquire compare-exchange read
+        // that grant's Release store, and no grant happens while `owner` is
+        // `REVOKING`). Slots come from `Bias::slot` as `&'static`.
+        let slot = unsafe { &*slot };
+        let here = self.addr();
+        // Acquire: every store to a slot is Release, and each follows the
+        // closures its thread ran before it.
+        while slot.inside.load(Ordering::Acquire) == here {
             crate::sync::relax::<R>();
         }
+        let entries = self.entries.load(Ordering::Relaxed);
         self.owner.store(UNBIASED, Ordering::Relaxed);
-        let threshold = self.threshold.load(Ordering::Relaxed);
-        self.threshold
-            .store((threshold * 2).min(MAX_THRESHOLD), Ordering::Relaxed);
+        let threshold = if entries >= PAID_OFF {
+            FIRST_THRESHOLD
+        } else {
+            (self.threshold.load(Ordering::Relaxed) * 2).min(MAX_THRESHOLD)
+        };
+        self.threshold.store(threshold, Ordering::Relaxed);
     }
 }
 
 // SAFETY: exclusion. A thread runs a closure either (a) holding `locked`,
 // taken by its Acquire compare-exchange or handed over by `revoke`, or
-// (b) as the owner, between its `busy = true; light(); owner == me` and
-// `busy = false`. Only the holder of `locked` makes a thread the owner,
-// keeping `locked` held, so (a) excludes (a) and an owner's own entries are
-// sequential. (a) against (b): `locked` passes from an owner to another
-// thread only through `revoke`, after `owner` became `REVOKING` and the
-// `busy` flag was seen false after a heavy fence; the owner's entries fence
-// lightly between `busy = true` and reading `owner`, so by the fence pair each
-// later entry reads `REVOKING` (or a later value, never its own id) and backs
-// off to the slow path. Ordering: `locked` is Acquire/Release; the owner's
-// grant is a Release store read by the revoker's Acquire compare-exchange;
-// `busy = false` is a Release store read by the revoker's Acquire load.
+// (b) as the owner, between storing this lock's address in its own slot,
+// `light()`, reading `owner` equal to its id, and clearing its slot. Only
+// the holder of `locked` makes a thread the owner, keeping `locked` held, so
+// (a) excludes (a) and an owner's own entries are sequential (a thread
+// already inside a lock on the owner's path takes every biased lock the slow
+// way). (a) against (b): `locked` passes from an owner to another thread
+// only through `revoke`, after `owner` became `REVOKING` and the owner's
+// slot was seen not holding this lock after a heavy fence; the owner's
+// entries fence lightly between marking the slot and reading `owner`, so by
+// the fence pair each later entry reads `REVOKING` (or a later value, never
+// its own id: ids are slot addresses, and no other running thread has its
+// slot) and backs off to the slow path. Only a thread writes its own slot,
+// so a thread that lost the ownership cannot hide the next owner. Ordering:
+// `locked` is Acquire/Release; the grant is a Release store of `owner` read
+// by the revoker's Acquire compare-exchange; every store to a slot is a
+// Release store, read by the revoker's Acquire load.
 unsafe impl<B: Bias, R: Relax> RawLock for BiasedLock<B, R> {
     #[cfg(not(snail_loom))]
     const INIT: Self = Self::new();
@@ -379,20 +472,25 @@ unsafe impl<B: Bias, R: Relax> RawLock for BiasedLock<B, R> {
 
     #[inline(always)]
     fn lock<T>(&self, f: impl FnOnce() -> T) -> T {
-        let me = B::thread_id();
-        // `busy` already set means a closure of ours is running and calls
-        // back into the lock: take the slow path, which waits (forever),
-        // as a spin lock would, instead of entering twice.
-        if self.owner.load(Ordering::Relaxed) == me && !self.busy.load(Ordering::Relaxed) {
-            self.busy.store(true, Ordering::Relaxed);
+        let slot = B::slot();
+        // A slot that is already inside a lock means a closure of ours is
+        // running: this lock or another is taken the slow way (which waits
+        // forever for this one, as a spin lock would).
+        if self.owner.load(Ordering::Relaxed) == id(slot)
+            && slot.inside.load(Ordering::Relaxed) == 0
+        {
+            slot.inside.store(self.addr(), Ordering::Release);
             self.light();
-            if self.owner.load(Ordering::Relaxed) == me {
-                let _leave = LeaveOwned(&self.busy);
+            if self.owner.load(Ordering::Relaxed) == id(slot) {
+                let _leave = LeaveOwned(&slot.inside);
+                // Counted inside the lock: a revoker waits until we leave.
+                let n = self.entries.load(Ordering::Relaxed);
+                self.entries.store(n.wrapping_add(1), Ordering::Relaxed);
                 return f();
             }
-            self.busy.store(false, Ordering::Release);
+            slot.inside.store(0, Ordering::Release);
         }
-        self.lock_slow(me, f)
+        self.lock_slow(slot, f)
     }
 }
 

@@ -6,10 +6,10 @@
 //! critical-section fallback where it does not) and `core::cell`.
 
 #[cfg(not(snail_loom))]
-pub(crate) use portable_atomic::{AtomicBool, AtomicUsize};
+pub(crate) use portable_atomic::{AtomicBool, AtomicPtr, AtomicUsize};
 
 #[cfg(snail_loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicUsize};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize};
 
 pub(crate) use core::sync::atomic::Ordering;
 

@@ -1384,23 +1384,28 @@ mod critical_section_lock {
 
 mod biased {
     use super::*;
-    use snail::{Bias, BiasedLock};
+    use snail::{Bias, BiasSlot, BiasedLock};
 
-    /// Thread numbers from a counter, `SeqCst` fences on both sides: the
-    /// portable form of a [`Bias`] (the std shim's uses `membarrier`).
+    /// A slot per thread, leaked (and listed in a static, so that Miri does
+    /// not count it as a leak), `SeqCst` fences on both sides: the portable
+    /// form of a [`Bias`] (the std shim's uses `membarrier`).
     struct StdBias;
 
-    // SAFETY: one number per thread from a global counter starting at 1,
-    // never reused; both fences are `fence(SeqCst)`.
+    static SLOTS: std::sync::Mutex<Vec<&'static BiasSlot>> = std::sync::Mutex::new(Vec::new());
+
+    // SAFETY: each thread gets a new slot on first use and keeps it; slots
+    // are never reused or freed. Both fences are `fence(SeqCst)`.
     unsafe impl Bias for StdBias {
-        fn thread_id() -> usize {
-            static NEXT: AtomicUsize = AtomicUsize::new(1);
-            thread_local!(static ID: Cell<usize> = const { Cell::new(0) });
-            ID.with(|id| {
-                if id.get() == 0 {
-                    id.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        fn slot() -> &'static BiasSlot {
+            thread_local!(static SLOT: Cell<Option<&'static BiasSlot>> = const { Cell::new(None) });
+            SLOT.with(|s| match s.get() {
+                Some(slot) => slot,
+                None => {
+                    let slot: &'static BiasSlot = Box::leak(Box::new(BiasSlot::new()));
+                    SLOTS.lock().unwrap().push(slot);
+                    s.set(Some(slot));
+                    slot
                 }
-                id.get()
             })
         }
 
@@ -1501,6 +1506,38 @@ mod biased {
         let n = if cfg!(miri) { 100 } else { 50_000 };
         many_producers_one_consumer(&b, 4, n, |p| p % 2);
         assert_eq!(b.stats().added, 4 * n as usize);
+    }
+
+    /// A bias that lasted (4096 entries or more) is granted again after 64
+    /// lone entries; one revoked early doubles what the next owner needs.
+    #[test]
+    fn a_long_bias_is_granted_again_soon_a_short_one_later() {
+        let g = Guarded {
+            lock: Lock::new(),
+            count: std::cell::UnsafeCell::new(0),
+        };
+        // The revoking entry is contended, so a thread becomes the owner on
+        // its threshold-th entry after that one.
+        let bumps = |n: usize| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    (0..n).for_each(|_| g.bump());
+                    g.lock.is_biased()
+                })
+                .join()
+                .unwrap()
+            })
+        };
+        (0..64).for_each(|_| g.bump());
+        assert!(g.lock.is_biased(), "64 lone entries grant the first bias");
+        (0..5000).for_each(|_| g.bump());
+        assert!(bumps(65), "after a long bias the threshold is back at 64");
+        // That owner made 0 entries of its own: its revocation doubles.
+        assert!(!bumps(65), "after a short bias 64 entries are not enough");
+        assert!(bumps(129), "the doubled threshold is 128");
+        // SAFETY: under the lock.
+        let total = g.lock.lock(|| unsafe { *g.count.get() });
+        assert_eq!(total, 64 + 5000 + 65 + 65 + 129);
     }
 
     /// A closure that panics inside the owner's path leaves the lock usable.

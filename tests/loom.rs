@@ -33,7 +33,8 @@ use loom::thread;
 
 use snail::relax::{Loop, Relax};
 use snail::{
-    Batcher, Bias, BiasedLock, Closed, Full, RawBatcher, RawLock, ShardedBatcher, SpinLock, Storage,
+    Batcher, Bias, BiasSlot, BiasedLock, Closed, Full, RawBatcher, RawLock, ShardedBatcher,
+    SpinLock, Storage,
 };
 
 // ---------------------------------------------------------------------------
@@ -276,10 +277,21 @@ where
 
 /// `loom::model`, reporting the wall time and number of executions explored.
 fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
+    model_preempting(name, 0, f);
+}
+
+/// [`model`] with a preemption bound of at least `at_least` (the bound from
+/// `LOOM_MAX_PREEMPTIONS` when higher; none when that is unset), for races
+/// that need more thread switches than CI's default of 2.
+fn model_preempting(name: &str, at_least: usize, f: impl Fn() + Sync + Send + 'static) {
     let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = runs.clone();
     let start = std::time::Instant::now();
-    loom::model(move || {
+    let mut builder = loom::model::Builder::new();
+    if let Some(bound) = builder.preemption_bound {
+        builder.preemption_bound = Some(bound.max(at_least));
+    }
+    builder.check(move || {
         counter.fetch_add(1, SeqCst);
         f()
     });
@@ -1153,31 +1165,20 @@ fn critical_section_style_batcher() {
 // The biased lock
 // ---------------------------------------------------------------------------
 
-loom::lazy_static! {
-    /// The next [`LoomBias`] thread number.
-    static ref NEXT_THREAD: AtomicUsize = AtomicUsize::new(1);
-}
-
 loom::thread_local! {
-    /// This loom thread's [`LoomBias`] number, 0 until first asked.
-    static THREAD: Cell<usize> = Cell::new(0);
+    /// This loom thread's [`LoomBias`] slot, leaked.
+    static SLOT: &'static BiasSlot = Box::leak(Box::new(BiasSlot::new()));
 }
 
-/// Thread numbers for [`BiasedLock`] under loom. Its fences are not called:
-/// under `--cfg snail_loom` the lock replaces them with read-modify-writes
-/// of one word, which loom orders exactly (see `BiasedLock`).
+/// Slots for [`BiasedLock`] under loom. Its fences are not called: under
+/// `--cfg snail_loom` the lock replaces them with read-modify-writes of one
+/// word, which loom orders exactly (see `BiasedLock`).
 struct LoomBias;
 
-// SAFETY: numbers come from one counter, once per loom thread, start at 1
-// and stay small.
+// SAFETY: a new slot per loom thread, never reused.
 unsafe impl Bias for LoomBias {
-    fn thread_id() -> usize {
-        THREAD.with(|t| {
-            if t.get() == 0 {
-                t.set(NEXT_THREAD.fetch_add(1, Relaxed));
-            }
-            t.get()
-        })
+    fn slot() -> &'static BiasSlot {
+        SLOT.with(|s| *s)
     }
 
     fn light() {
@@ -1244,6 +1245,33 @@ fn biased_lock_two_owners() {
         other.join().unwrap();
         // SAFETY: as in `count_under`.
         assert_eq!(lock.lock(|| count.with(|c| unsafe { *c })), 4);
+    });
+}
+
+/// The bias passes from one thread to the other while the first is between
+/// reading that it owns the lock and marking itself inside: its late marks
+/// must not disturb the new owner. (With one "inside" flag per lock, which
+/// both threads wrote, this model found the late mark making the new owner
+/// wait for itself forever; it needs 4 preemptions to get there.)
+#[test]
+fn biased_lock_stale_owner() {
+    model_preempting("biased_lock_stale_owner", 4, || {
+        let lock = Arc::new(Biased::new());
+        let count = Arc::new(UnsafeCell::new(0usize));
+        let other = {
+            let (lock, count) = (lock.clone(), count.clone());
+            thread::spawn(move || {
+                for _ in 0..3 {
+                    count_under(&*lock, &count);
+                }
+            })
+        };
+        for _ in 0..3 {
+            count_under(&*lock, &count);
+        }
+        other.join().unwrap();
+        // SAFETY: as in `count_under`.
+        assert_eq!(lock.lock(|| count.with(|c| unsafe { *c })), 6);
     });
 }
 

@@ -1,4 +1,4 @@
-//! The [`Bias`] of the shim's shard locks: a number per thread, and Linux
+//! The [`Bias`] of the shim's shard locks: a slot per thread, and Linux
 //! `membarrier` as the heavy half of an asymmetric fence.
 //!
 //! A shard lock that one thread keeps taking alone becomes biased to it (see
@@ -11,8 +11,9 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{compiler_fence, fence, AtomicU8, AtomicUsize, Ordering::*};
+use std::sync::Mutex;
 
-use snail::Bias;
+use snail::{Bias, BiasSlot};
 
 /// `membarrier` not probed yet: fence fully on both sides.
 const UNKNOWN: u8 = 0;
@@ -43,7 +44,7 @@ pub fn expedited_after_probe() -> bool {
 }
 
 /// A small number per thread, fixed for the thread's life and never reused:
-/// it picks the thread's shard and identifies the thread to a biased lock.
+/// it picks the thread's shard.
 #[inline]
 pub(crate) fn thread_number() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(1);
@@ -70,12 +71,44 @@ fn next_number(next: &AtomicUsize) -> usize {
     v
 }
 
-/// The shim's [`Bias`]: a number per thread, never reused, and `membarrier`.
+/// Slots of finished threads, handed to new ones. Locks keep referring to
+/// the slot of their last owner, so slots are never freed: a process holds
+/// as many as it ever ran threads at once.
+static SLOTS: Mutex<Vec<&'static BiasSlot>> = Mutex::new(Vec::new());
+
+/// A thread's slot; goes back to [`SLOTS`] when the thread ends.
+struct Slot(&'static BiasSlot);
+
+impl Slot {
+    fn take() -> Self {
+        let pooled = SLOTS.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        Slot(pooled.unwrap_or_else(new_slot))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // The thread is ending and runs no closure under a lock: the next
+        // thread may use the slot (the pool's mutex orders the two).
+        SLOTS.lock().unwrap_or_else(|e| e.into_inner()).push(self.0);
+    }
+}
+
+fn new_slot() -> &'static BiasSlot {
+    Box::leak(Box::new(BiasSlot::new()))
+}
+
+thread_local!(static SLOT: Slot = Slot::take());
+
+/// The shim's [`Bias`]: a slot per thread, from a pool, and `membarrier`.
 #[derive(Debug)]
 pub struct ThreadBias;
 
-// SAFETY: `thread_number` is per thread, starts at 1, is never reused, and
-// stays below `usize::MAX`. The fences: with `membarrier` registered, the
+// SAFETY: a thread's slot is its own from its first use until its
+// thread-locals are destroyed; the pool's mutex orders the hand-over to a
+// later thread. A thread whose slot is already gone (a lock taken by
+// another thread-local's destructor) gets a new slot on every call, which
+// nobody else ever uses. The fences: with `membarrier` registered, the
 // heavy fence makes every other running thread of the process execute a
 // full barrier before it returns (and a thread that is not running was
 // switched out, which is a full barrier), so a compiler fence on the light
@@ -85,8 +118,8 @@ pub struct ThreadBias;
 // fence, and a heavy fence probes first, so it never reads `UNKNOWN`.
 unsafe impl Bias for ThreadBias {
     #[inline(always)]
-    fn thread_id() -> usize {
-        thread_number()
+    fn slot() -> &'static BiasSlot {
+        SLOT.try_with(|s| s.0).unwrap_or_else(|_| new_slot())
     }
 
     #[inline(always)]
