@@ -391,6 +391,13 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
         Some(Batch::new(self, buffer, len))
     }
 
+    /// `true` if a buffer is free at this moment: a hint for a producer
+    /// that waits for room (another producer may take the buffer first).
+    /// One relaxed load; no lock.
+    pub fn has_free(&self) -> bool {
+        self.hub.free_hint.load(Ordering::Relaxed) > 0
+    }
+
     /// `true` if a sealed batch is waiting to be taken.
     ///
     /// Lock-free (one `SeqCst` load), so a consumer can poll it. A `true`

@@ -4,14 +4,15 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use snail::relax::Yield;
 use snail::{Added, BiasedLock, Full, HeapStorage, RawBatcher, SizeError};
 
-use crate::bias::{thread_number, ThreadBias};
+use crate::bias::ThreadBias;
+use crate::route::{self, Routed};
 
 use crate::error::{BuildError, Closed, HandlerPanicked, TryAddError};
 
@@ -27,7 +28,10 @@ pub type Batch<'a, T> = snail::Batch<'a, T, Storage<T>, Lock, Yield>;
 /// Failed attempts spent spinning, then yielding, before a blocked `add`
 /// sleeps.
 const SPINS: u32 = 32;
-const YIELDS: u32 = 16;
+const YIELDS: u32 = 200;
+/// While spinning and yielding, a blocked `add` retries when a buffer is
+/// free, and after this many failed attempts without one.
+const RECHECK: u32 = 16;
 /// A sleeping `add` re-checks at least this often (a safety net; wake-ups
 /// normally come from the worker).
 const SLEEP_SLICE: Duration = Duration::from_millis(100);
@@ -76,7 +80,9 @@ pub(crate) struct Shared<T> {
     /// only makes the worker look at that shard early.
     pub(crate) opened: Box<[AtomicU64]>,
     /// `shards - 1`; the shard count is a power of two.
-    mask: usize,
+    pub(crate) mask: usize,
+    /// This, for routes that other threads keep to it.
+    pub(crate) me: Weak<dyn Routed>,
     /// The worker is about to park or parked: unpark it after sealing.
     pub(crate) worker_idle: AtomicBool,
     pub(crate) worker: OnceLock<Thread>,
@@ -97,6 +103,13 @@ pub(crate) struct Shared<T> {
 impl<T> Shared<T> {
     pub(crate) fn now_nanos(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Seals `shard`'s partial batch, if any, and wakes the worker for it.
+    pub(crate) fn flush_shard(&self, shard: usize) {
+        if self.core.producer(shard).flush() {
+            self.wake_worker();
+        }
     }
 
     /// Wakes the worker if it is parked or about to park.
@@ -175,11 +188,14 @@ impl<T: Send + 'static> Builder<T> {
         self
     }
 
-    /// Producer shards: threads are spread over them so that producers on
-    /// different cores do not share a lock. Default: the number of CPUs,
-    /// at most `buffers - 1` (each shard fills its own buffer), at least 1.
-    /// Values above the number of buffers are lowered to it; the count is
-    /// then rounded down to a power of two.
+    /// Producer shards, each with its own lock and buffer being filled. On
+    /// Linux a thread adds through the shard of the CPU it runs on, so that
+    /// producers running at the same moment do not share a lock; it moves to
+    /// another shard only once its items on the old one are sealed, so its
+    /// order holds. Elsewhere each thread keeps one shard. Default: the
+    /// number of CPUs, at most `buffers - 1` (each shard fills its own
+    /// buffer), at least 1. Values above the number of buffers are lowered
+    /// to it; the count is then rounded down to a power of two.
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = Some(shards);
         self
@@ -234,7 +250,8 @@ impl<T: Send + 'static> Builder<T> {
             SizeError::Shards => BuildError::ZeroShards,
             SizeError::ZeroBuffers | SizeError::TooLarge => BuildError::TooLarge,
         })?;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|me: &Weak<Shared<T>>| Shared {
+            me: me.clone(),
             core: Core::with_storage(storage),
             linger: (self.linger != Duration::MAX).then_some(self.linger),
             start: Instant::now(),
@@ -306,11 +323,11 @@ impl<T: Send + 'static> Batcher<T> {
 }
 
 impl<T> Batcher<T> {
-    /// This thread's shard, and a producer for it. A thread always gets the
-    /// same shard, so its items stay in order.
+    /// The shard for this thread's next add (see [`route`]: it follows the
+    /// thread's CPU while keeping its items in order), and a producer for it.
     #[inline]
     fn producer(&self) -> (usize, snail::Producer<'_, T, Storage<T>, Lock, Yield>) {
-        let shard = thread_number() & self.shared.mask;
+        let shard = route::pick(&self.shared);
         (shard, self.shared.core.producer(shard))
     }
 
@@ -390,8 +407,10 @@ impl<T> Batcher<T> {
     /// closed; the items after it are left in the iterator, which is dropped.
     pub fn add_many<I: IntoIterator<Item = T>>(&self, items: I) -> Result<(), Closed<T>> {
         let mut iter = items.into_iter();
-        let (shard, producer) = self.producer();
         loop {
+            // Picked again after each refused item: `add` may have moved
+            // this thread to another shard, and the rest must follow it.
+            let (shard, producer) = self.producer();
             let (done, refused) = producer.try_extend(&mut iter);
             self.added(shard, done);
             match refused {
@@ -432,7 +451,7 @@ impl<T> Batcher<T> {
         let mut registered = false;
         let mut seen = 0;
         let (shard, producer) = self.producer();
-        let result = producer.add_with(item, || {
+        let result = producer.add_with(item, || loop {
             attempts += 1;
             if let Some(deadline) = deadline {
                 if Instant::now() >= deadline {
@@ -450,6 +469,7 @@ impl<T> Batcher<T> {
                 shared.waiters.fetch_add(1, SeqCst);
                 registered = true;
                 seen = shared.freed.load(SeqCst);
+                return true;
             } else {
                 let guard = shared.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
                 if shared.freed.load(SeqCst) == seen {
@@ -462,8 +482,15 @@ impl<T> Batcher<T> {
                     drop(guard);
                 }
                 seen = shared.freed.load(SeqCst);
+                return true;
             }
-            true
+            // Retrying takes the shard lock, and with it the shard's bias
+            // from the producer that fills it: retry while spinning or
+            // yielding only once a buffer is free, and now and then in case
+            // another producer opened one on this shard.
+            if shared.core.has_free() || attempts % RECHECK == 0 || shared.core.is_closed() {
+                return true;
+            }
         });
         if registered {
             shared.waiters.fetch_sub(1, SeqCst);

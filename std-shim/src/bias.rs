@@ -44,7 +44,7 @@ pub fn expedited_after_probe() -> bool {
 }
 
 /// A small number per thread, fixed for the thread's life and never reused:
-/// it picks the thread's shard.
+/// it picks the thread's fixed shard (see `route`).
 #[inline]
 pub(crate) fn thread_number() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(1);

@@ -62,6 +62,7 @@
 mod batcher;
 pub mod bias;
 mod error;
+mod route;
 mod worker;
 
 pub use batcher::{Batch, Batcher, Builder, Report, Stats};

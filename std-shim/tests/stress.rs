@@ -41,36 +41,73 @@ struct Seen {
     errors: Vec<String>,
 }
 
+/// Moves the calling thread to CPU `cpu % CPUs` (Linux; elsewhere nothing),
+/// so that shard routing, which follows the CPU, moves it between shards.
+fn hop(cpu: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside
+        // it; sched_setaffinity reads it. A failure (a CPU outside our
+        // cgroup's set) only leaves the thread where it is.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu % cpus, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cpu;
+}
+
+/// What the handler checks: each producer's items in order, each once.
+fn checking_handler(
+    seen: &Arc<Mutex<Seen>>,
+) -> impl FnMut(&mut snail_std::Batch<'_, u64>) -> Result<(), String> + Send + 'static {
+    let seen = Arc::clone(seen);
+    move |batch| {
+        let mut s = seen.lock().unwrap();
+        for it in batch.drain() {
+            let p = (it >> 32) as usize;
+            let seq = it as u32;
+            s.items += 1;
+            if p >= s.next.len() {
+                if s.errors.len() < 10 {
+                    s.errors.push(format!("unknown producer {p}"));
+                }
+                continue;
+            }
+            if seq != s.next[p] && s.errors.len() < 10 {
+                let want = s.next[p];
+                s.errors
+                    .push(format!("producer {p}: got {seq}, expected {want}"));
+            }
+            s.next[p] = seq.wrapping_add(1);
+        }
+        Ok(())
+    }
+}
+
 fn run(label: &str, builder: Builder<u64>, producers: usize, per: u32, seed: u64) {
+    run_hopping(label, builder, producers, per, seed, None);
+}
+
+/// `run`, with each producer moving to another CPU every `hop_every` items
+/// when that is `Some`.
+fn run_hopping(
+    label: &str,
+    builder: Builder<u64>,
+    producers: usize,
+    per: u32,
+    seed: u64,
+    hop_every: Option<u32>,
+) {
     let seen = Arc::new(Mutex::new(Seen {
         next: vec![0; producers],
         items: 0,
         errors: Vec::new(),
     }));
-    let handler_seen = Arc::clone(&seen);
-    let batcher = builder
-        .spawn(move |batch| {
-            let mut s = handler_seen.lock().unwrap();
-            for it in batch.drain() {
-                let p = (it >> 32) as usize;
-                let seq = it as u32;
-                s.items += 1;
-                if p >= s.next.len() {
-                    if s.errors.len() < 10 {
-                        s.errors.push(format!("unknown producer {p}"));
-                    }
-                    continue;
-                }
-                if seq != s.next[p] && s.errors.len() < 10 {
-                    let want = s.next[p];
-                    s.errors
-                        .push(format!("producer {p}: got {seq}, expected {want}"));
-                }
-                s.next[p] = seq.wrapping_add(1);
-            }
-            Ok::<(), String>(())
-        })
-        .unwrap();
+    let batcher = builder.spawn(checking_handler(&seen)).unwrap();
 
     let start = Instant::now();
     std::thread::scope(|s| {
@@ -79,7 +116,14 @@ fn run(label: &str, builder: Builder<u64>, producers: usize, per: u32, seed: u64
             s.spawn(move || {
                 let mut rng = XorShift::new(seed ^ (p as u64 + 1));
                 let mut i = 0u32;
+                let mut hops = 0;
                 while i < per {
+                    if let Some(every) = hop_every {
+                        if i / every > hops {
+                            hops = i / every;
+                            hop(p + hops as usize);
+                        }
+                    }
                     let r = rng.below(1000);
                     if r < 550 {
                         batcher.add(item(p, i)).unwrap();
@@ -169,4 +213,86 @@ fn eight_producers_random_mix_default_config() {
         50_000,
         0x5eed_0003,
     );
+}
+
+/// Producers that keep moving between CPUs, so that the shim's routing
+/// (which follows the CPU) keeps moving them between shards: still every
+/// item once, each producer's in order.
+#[test]
+fn producers_hopping_between_cpus_keep_their_order() {
+    run_hopping(
+        "8x100k batch 64 shards(2) hopping every 300",
+        Batcher::builder()
+            .batch_size(64)
+            .queue_size(256)
+            .linger(Duration::from_millis(1))
+            .shards(2),
+        8,
+        100_000,
+        0x5eed_0004,
+        Some(300),
+    );
+}
+
+/// Each producer adds to two batchers in turn (a thread's shard route serves
+/// one batcher at a time and passes between them): both see every item of
+/// every producer once, in order.
+#[test]
+fn producers_alternating_between_two_batchers_keep_their_order() {
+    const PRODUCERS: usize = 6;
+    const PER: u32 = 60_000;
+    let seen: Vec<_> = (0..2)
+        .map(|_| {
+            Arc::new(Mutex::new(Seen {
+                next: vec![0; PRODUCERS],
+                items: 0,
+                errors: Vec::new(),
+            }))
+        })
+        .collect();
+    let batchers: Vec<_> = seen
+        .iter()
+        .map(|seen| {
+            Batcher::builder()
+                .batch_size(50)
+                .queue_size(150)
+                .shards(2)
+                .spawn(checking_handler(seen))
+                .unwrap()
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for p in 0..PRODUCERS {
+            let batchers = &batchers;
+            s.spawn(move || {
+                let mut rng = XorShift::new(0x5eed_0005 ^ p as u64);
+                let mut next = [0u32; 2];
+                while next.iter().any(|&n| n < PER) {
+                    let b = rng.below(2) as usize;
+                    // Runs of a few adds to one batcher, then the other.
+                    for _ in 0..rng.below(200) {
+                        if next[b] == PER {
+                            break;
+                        }
+                        batchers[b].add(item(p, next[b])).unwrap();
+                        next[b] += 1;
+                    }
+                    if rng.below(50) == 0 {
+                        hop(p + next[0] as usize);
+                    }
+                }
+            });
+        }
+    });
+    for (b, batcher) in batchers.iter().enumerate() {
+        let report = batcher.close().unwrap();
+        let s = seen[b].lock().unwrap();
+        assert!(s.errors.is_empty(), "batcher {b}: {:?}", s.errors);
+        assert!(
+            s.next.iter().all(|&n| n == PER),
+            "batcher {b}: {:?}",
+            s.next
+        );
+        assert_eq!(report.items, PRODUCERS as u64 * u64::from(PER));
+    }
 }
