@@ -983,6 +983,25 @@ fn sharded_producers_on_threads_keep_their_order() {
 // Threads
 // ---------------------------------------------------------------------------
 
+/// `has_free` follows the free buffers: opening one takes it, taking a
+/// sealed batch (and dropping it) gives one back.
+#[test]
+fn has_free_follows_the_free_buffers() {
+    let b: Batcher<u32, 2, 2> = Batcher::new();
+    assert!(b.has_free());
+    b.try_add(0).unwrap();
+    assert!(b.has_free(), "one buffer open, one free");
+    b.try_add(1).unwrap(); // full: sealed
+    b.try_add(2).unwrap();
+    assert!(!b.has_free(), "one sealed, one open");
+    b.try_add(3).unwrap(); // full: sealed
+    assert!(b.try_add(4).is_err(), "no room, as has_free said");
+    drop(b.try_take());
+    assert!(b.has_free(), "the taken buffer came back");
+    b.try_add(4).unwrap();
+    assert!(!b.has_free());
+}
+
 static SHARED: Batcher<u64, 8, 4, YieldLock, YieldNow> = Batcher::new();
 
 #[test]
