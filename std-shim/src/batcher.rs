@@ -32,6 +32,10 @@ const YIELDS: u32 = 200;
 /// While spinning and yielding, a blocked `add` retries when a buffer is
 /// free, and after this many failed attempts without one.
 const RECHECK: u32 = 16;
+/// The most shards a batcher has by default (one per CPU up to this), and
+/// at all.
+const MAX_DEFAULT_SHARDS: usize = 64;
+const MAX_SHARDS: usize = 1024;
 /// A sleeping `add` re-checks at least this often (a safety net; wake-ups
 /// normally come from the worker).
 const SLEEP_SLICE: Duration = Duration::from_millis(100);
@@ -171,9 +175,11 @@ impl<T: Send + 'static> Builder<T> {
         self
     }
 
-    /// Extra room beyond the batch being filled (default 2000), as in Go
-    /// snail: `buffers = 1 + ceil(queue_size / batch_size)`. 0 means one
-    /// buffer: producers wait whenever the worker holds it.
+    /// Room for sealed batches waiting for the worker (default 2000), beyond
+    /// the batches being filled, one per shard: `buffers = shards +
+    /// ceil(queue_size / batch_size)` (as in Go snail, which has one shard).
+    /// 0 means one buffer per shard: producers wait whenever the worker
+    /// holds one.
     pub fn queue_size(mut self, items: usize) -> Self {
         self.queue_size = items;
         self
@@ -192,10 +198,10 @@ impl<T: Send + 'static> Builder<T> {
     /// Linux a thread adds through the shard of the CPU it runs on, so that
     /// producers running at the same moment do not share a lock; it moves to
     /// another shard only once its items on the old one are sealed, so its
-    /// order holds. Elsewhere each thread keeps one shard. Default: the
-    /// number of CPUs, at most `buffers - 1` (each shard fills its own
-    /// buffer), at least 1. Values above the number of buffers are lowered
-    /// to it; the count is then rounded down to a power of two.
+    /// order holds. Elsewhere each thread keeps one shard. Each shard has a
+    /// buffer of its own (see [`queue_size`](Self::queue_size)). Default:
+    /// the number of CPUs, at most 64. Values above 1024 are lowered to
+    /// 1024; the count is then rounded down to a power of two.
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = Some(shards);
         self
@@ -230,21 +236,20 @@ impl<T: Send + 'static> Builder<T> {
             return Err(BuildError::ZeroBatchSize);
         }
         crate::bias::init();
-        let buffers = self
-            .queue_size
-            .div_ceil(self.batch_size)
-            .checked_add(1)
-            .ok_or(BuildError::TooLarge)?;
         let shards = match self.shards {
             Some(0) => return Err(BuildError::ZeroShards),
-            Some(n) => n.min(buffers),
-            None => {
-                let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-                cpus.min(buffers - 1).max(1)
-            }
+            Some(n) => n.min(MAX_SHARDS),
+            None => thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_DEFAULT_SHARDS),
         };
         // Round down to a power of two, so a thread's shard is a mask away.
         let shards = 1 << shards.ilog2();
+        let buffers = self
+            .queue_size
+            .div_ceil(self.batch_size)
+            .checked_add(shards)
+            .ok_or(BuildError::TooLarge)?;
         let storage = Storage::new(self.batch_size, buffers, shards).map_err(|e| match e {
             SizeError::ZeroBatch => BuildError::ZeroBatchSize,
             SizeError::Shards => BuildError::ZeroShards,
@@ -519,7 +524,12 @@ impl<T> Batcher<T> {
         self.shared.core.batch_size()
     }
 
-    /// Number of buffers (`1 + ceil(queue_size / batch_size)`).
+    /// Number of producer shards.
+    pub fn shards(&self) -> usize {
+        self.shared.core.shards()
+    }
+
+    /// Number of buffers (`shards + ceil(queue_size / batch_size)`).
     pub fn buffers(&self) -> usize {
         self.shared.core.buffers()
     }

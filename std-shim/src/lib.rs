@@ -16,7 +16,7 @@
 //! let (tx, rx) = std::sync::mpsc::channel();
 //! let batcher = Batcher::<String>::builder()
 //!     .batch_size(1000)                  // items per batch
-//!     .queue_size(2000)                  // room for two more batches
+//!     .queue_size(2000)                  // room for two sealed batches
 //!     .linger(Duration::from_millis(25)) // a partial batch waits at most this long
 //!     .spawn(move |batch| {              // on the worker thread, one batch at a time
 //!         for line in batch.drain() {    // owned items

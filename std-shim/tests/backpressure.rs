@@ -48,8 +48,8 @@ fn in_flight_never_exceeds_capacity_under_a_slow_handler() {
         })
         .unwrap();
     let capacity = b.capacity() as i64;
-    assert_eq!(capacity, 32);
-    assert_eq!(b.buffers(), 4);
+    assert_eq!(b.buffers(), 3 + b.shards());
+    assert_eq!(capacity, 8 * b.buffers() as i64);
 
     let max_held_stat = AtomicUsize::new(0);
     std::thread::scope(|s| {
@@ -93,6 +93,7 @@ fn gated() -> (Batcher<String>, Receiver<String>, Sender<()>) {
     let b = Batcher::<String>::builder()
         .batch_size(1)
         .queue_size(0)
+        .shards(1)
         .linger(Duration::ZERO)
         .spawn(move |batch| {
             let _ = started_tx.send(batch[0].clone());

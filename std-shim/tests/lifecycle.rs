@@ -169,6 +169,7 @@ fn close_releases_blocked_producers_while_the_handler_runs() {
             Batcher::<u64>::builder()
                 .batch_size(1)
                 .queue_size(0)
+                .shards(1)
                 .spawn(move |_batch| {
                     let _ = started_tx.send(());
                     let _ = gate_rx.recv();
@@ -389,6 +390,7 @@ fn huge_batches_of_zero_sized_items_spawn_at_once() {
         let b = Batcher::<()>::builder()
             .batch_size(usize::MAX)
             .queue_size(0)
+            .shards(1)
             .spawn(move |batch| {
                 c.fetch_add(batch.drain().count(), SeqCst);
                 Ok::<(), String>(())
@@ -405,11 +407,13 @@ fn huge_batches_of_zero_sized_items_spawn_at_once() {
 
 #[test]
 fn builder_accepts_edge_sizes() {
-    // queue_size 0: one buffer; producers wait while the worker holds it.
+    // queue_size 0, one shard: one buffer; producers wait while the worker
+    // holds it.
     let (tx, rx) = mpsc::channel();
     let b = Batcher::<u32>::builder()
         .batch_size(3)
         .queue_size(0)
+        .shards(1)
         .spawn(move |batch| {
             tx.send(batch.drain().collect::<Vec<_>>()).unwrap();
             Ok::<(), String>(())
@@ -435,19 +439,31 @@ fn builder_accepts_edge_sizes() {
     want.sort_unstable();
     assert_eq!(all, want);
 
-    // Defaults: 1000 per batch, 1 + 2000/1000 buffers.
+    // Defaults: 1000 per batch, a shard per CPU (a power of two, at most
+    // 64), one buffer per shard plus 2000/1000.
     let b = Batcher::<u8>::builder()
         .spawn(|_| Ok::<(), String>(()))
         .unwrap();
-    assert_eq!((b.batch_size(), b.buffers(), b.capacity()), (1000, 3, 3000));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shards = 1 << cpus.min(64).ilog2();
+    assert_eq!(b.shards(), shards);
+    assert_eq!(
+        (b.batch_size(), b.buffers(), b.capacity()),
+        (1000, shards + 2, 1000 * (shards + 2))
+    );
     // queue_size rounds up to whole buffers.
     let b = Batcher::<u8>::builder()
         .batch_size(10)
         .queue_size(11)
+        .shards(3)
         .spawn(|_| Ok::<(), String>(()))
         .unwrap();
-    assert_eq!(b.buffers(), 3);
-    // More shards than buffers are lowered, not refused.
+    assert_eq!(
+        (b.shards(), b.buffers()),
+        (2, 4),
+        "3 shards round down to 2"
+    );
+    // More than 1024 shards are lowered, not refused.
     let b = Batcher::<u8>::builder()
         .batch_size(1)
         .queue_size(1)
@@ -455,6 +471,7 @@ fn builder_accepts_edge_sizes() {
         .name("edge-test")
         .spawn(|_| Ok::<(), String>(()))
         .unwrap();
+    assert_eq!((b.shards(), b.buffers()), (1024, 1025));
     for i in 0..10 {
         b.add(i).unwrap();
     }

@@ -44,6 +44,7 @@ fn handler_panic_releases_blocked_producers_and_loses_nothing_silently() {
             Batcher::<u64>::builder()
                 .batch_size(2)
                 .queue_size(2)
+                .shards(1)
                 .linger(Duration::from_millis(1))
                 .spawn(move |batch| {
                     let n = batches.fetch_add(1, SeqCst) + 1;
