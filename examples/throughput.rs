@@ -139,6 +139,17 @@ fn main() -> ExitCode {
             "SeqCst fences (membarrier unavailable: no faster than a spin lock)"
         }
     );
+    let probe = snail_std::Batcher::<u64>::builder()
+        .batch_size(workload::BATCH)
+        .queue_size(workload::QUEUE)
+        .spawn(|_| Ok::<(), std::convert::Infallible>(()))
+        .expect("spawn a snail-std batcher");
+    println!(
+        "- snail-std: {} shards, {} buffers (a buffer per shard, plus the queue)",
+        probe.shards(),
+        probe.buffers()
+    );
+    drop(probe);
     println!(
         "- {} items per run, batch {}, queue {}, add_many chunks of {}",
         opts.items,
