@@ -1,6 +1,7 @@
 //! The std batcher: the core algorithm plus a worker thread, linger and
 //! sleeping back-pressure.
 
+use std::any::Any;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
@@ -12,7 +13,7 @@ use snail::relax::Yield;
 use snail::{Added, BiasedLock, Full, HeapStorage, RawBatcher, SizeError};
 
 use crate::bias::ThreadBias;
-use crate::route::{self, Routed};
+use crate::route;
 
 use crate::error::{BuildError, Closed, HandlerPanicked, TryAddError};
 
@@ -86,7 +87,7 @@ pub(crate) struct Shared<T> {
     /// `shards - 1`; the shard count is a power of two.
     pub(crate) mask: usize,
     /// This, for routes that other threads keep to it.
-    pub(crate) me: Weak<dyn Routed>,
+    pub(crate) me: Weak<dyn Any + Send + Sync>,
     /// The worker is about to park or parked: unpark it after sealing.
     pub(crate) worker_idle: AtomicBool,
     pub(crate) worker: OnceLock<Thread>,
@@ -196,9 +197,9 @@ impl<T: Send + 'static> Builder<T> {
 
     /// Producer shards, each with its own lock and buffer being filled. On
     /// Linux a thread adds through the shard of the CPU it runs on, so that
-    /// producers running at the same moment do not share a lock; it moves to
-    /// another shard only once its items on the old one are sealed, so its
-    /// order holds. Elsewhere each thread keeps one shard. Each shard has a
+    /// producers running at the same moment do not share a lock; before it
+    /// moves to another shard it seals the partial batch of the one it
+    /// leaves, so its order holds. Elsewhere each thread keeps one shard. Each shard has a
     /// buffer of its own (see [`queue_size`](Self::queue_size)). Default:
     /// the number of CPUs, at most 64. Values above 1024 are lowered to
     /// 1024; the count is then rounded down to a power of two.

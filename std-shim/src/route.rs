@@ -20,6 +20,7 @@
 //! leaves its fixed shard only on a route, and gives up a route only when the
 //! route's batcher is gone or the route is on its fixed shard.
 
+use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::sync::Weak;
 
@@ -29,18 +30,6 @@ use crate::bias::thread_number;
 /// Adds between two looks at the CPU.
 const CHECK_EVERY: u32 = 64;
 
-/// What a route asks of a batcher it may give up.
-pub(crate) trait Routed: Send + Sync {
-    /// `true` if `shard` is this thread's fixed shard.
-    fn is_fixed(&self, shard: usize) -> bool;
-}
-
-impl<T: Send> Routed for Shared<T> {
-    fn is_fixed(&self, shard: usize) -> bool {
-        shard == thread_number() & self.mask
-    }
-}
-
 // The route, one field per thread-local: the add path reads and writes
 // single words (a struct in one `Cell` is copied in and out whole, and the
 // wide loads of a value just stored narrowly stall the pipeline).
@@ -48,12 +37,13 @@ thread_local! {
     /// The routed batcher (its `Shared`'s address), or 0 for none.
     static BATCHER: Cell<usize> = const { Cell::new(0) };
     static SHARD: Cell<usize> = const { Cell::new(0) };
+    /// This thread's fixed shard in the routed batcher.
+    static FIXED: Cell<usize> = const { Cell::new(0) };
     /// Adds left before the next look at the CPU.
     static COUNTDOWN: Cell<u32> = const { Cell::new(0) };
-    /// The routed batcher, kept allocated (so that its address is nobody
-    /// else's while `BATCHER` holds it) and asked before the route is given
-    /// up.
-    static HELD: RefCell<Option<Weak<dyn Routed>>> = const { RefCell::new(None) };
+    /// The routed batcher (its `Shared`), kept allocated so that its address
+    /// is nobody else's while `BATCHER` holds it, and so that its end shows.
+    static HELD: RefCell<Option<Weak<dyn Any + Send + Sync>>> = const { RefCell::new(None) };
 }
 
 fn id<T>(shared: &Shared<T>) -> usize {
@@ -99,17 +89,12 @@ fn follow_cpu<T>(shared: &Shared<T>) -> usize {
 #[cold]
 fn take<T>(shared: &Shared<T>) -> usize {
     let fixed = thread_number() & shared.mask;
-    // Cloned out first: the upgrade below may drop the last strong
-    // reference, and with it items whose destructors may add again.
-    let held = HELD.try_with(|h| h.borrow().clone());
-    let free = match held {
-        Ok(held) if BATCHER.get() != 0 => held
-            .and_then(|w| w.upgrade())
-            .map_or(true, |other| other.is_fixed(SHARD.get())),
-        Ok(_) => true,
-        // Thread-locals are being destroyed: keep to the fixed shard.
-        Err(_) => false,
-    };
+    let free = BATCHER.get() == 0
+        || SHARD.get() == FIXED.get()
+        // While thread-locals are being destroyed: keep to the fixed shard.
+        || HELD
+            .try_with(|h| h.borrow().as_ref().map_or(true, |w| w.strong_count() == 0))
+            .unwrap_or(false);
     if free
         && HELD
             .try_with(|h| *h.borrow_mut() = Some(shared.me.clone()))
@@ -117,6 +102,7 @@ fn take<T>(shared: &Shared<T>) -> usize {
     {
         BATCHER.set(id(shared));
         SHARD.set(fixed);
+        FIXED.set(fixed);
         // Not at once: a move seals the partial batch it leaves, and a
         // thread that adds a handful of items should not cut its batches.
         COUNTDOWN.set(CHECK_EVERY - 1);
