@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use snail_std::{Batcher, Builder, TryAddError};
+use snail_std::{Batcher, Builder, Report, TryAddError};
 
 /// A tiny seeded xorshift64 generator.
 struct XorShift(u64);
@@ -39,6 +39,33 @@ struct Seen {
     next: Vec<u32>,
     items: u64,
     errors: Vec<String>,
+}
+
+impl Seen {
+    fn shared(producers: usize) -> Arc<Mutex<Seen>> {
+        Arc::new(Mutex::new(Seen {
+            next: vec![0; producers],
+            items: 0,
+            errors: Vec::new(),
+        }))
+    }
+}
+
+/// Asserts that the handler saw each of `per` items of every producer once,
+/// in order, and that the report counts them all.
+fn check_delivered(label: &str, seen: &Mutex<Seen>, per: u32, report: &Report) {
+    let s = seen.lock().unwrap();
+    let total = s.next.len() as u64 * u64::from(per);
+    assert!(
+        s.errors.is_empty(),
+        "{label}: order/uniqueness violations: {:?}",
+        s.errors
+    );
+    for (p, &n) in s.next.iter().enumerate() {
+        assert_eq!(n, per, "{label}: producer {p} delivered up to {n} of {per}");
+    }
+    assert_eq!(s.items, total, "{label}: items seen by the handler");
+    assert_eq!(report.items, total, "{label}: report.items");
 }
 
 /// Moves the calling thread to CPU `cpu % CPUs` (Linux; elsewhere nothing),
@@ -102,11 +129,7 @@ fn run_hopping(
     seed: u64,
     hop_every: Option<u32>,
 ) {
-    let seen = Arc::new(Mutex::new(Seen {
-        next: vec![0; producers],
-        items: 0,
-        errors: Vec::new(),
-    }));
+    let seen = Seen::shared(producers);
     let batcher = builder.spawn(checking_handler(&seen)).unwrap();
 
     let start = Instant::now();
@@ -150,17 +173,7 @@ fn run_hopping(
     let elapsed = start.elapsed();
 
     let total = producers as u64 * u64::from(per);
-    let s = seen.lock().unwrap();
-    assert!(
-        s.errors.is_empty(),
-        "{label}: order/uniqueness violations: {:?}",
-        s.errors
-    );
-    for (p, &n) in s.next.iter().enumerate() {
-        assert_eq!(n, per, "{label}: producer {p} delivered up to {n} of {per}");
-    }
-    assert_eq!(s.items, total, "{label}: items seen by the handler");
-    assert_eq!(report.items, total, "{label}: report.items");
+    check_delivered(label, &seen, per, &report);
     assert_eq!(report.handler_errors, 0);
     let stats = batcher.stats();
     assert_eq!(stats.added, total);
@@ -241,15 +254,7 @@ fn producers_hopping_between_cpus_keep_their_order() {
 fn producers_alternating_between_two_batchers_keep_their_order() {
     const PRODUCERS: usize = 6;
     const PER: u32 = 60_000;
-    let seen: Vec<_> = (0..2)
-        .map(|_| {
-            Arc::new(Mutex::new(Seen {
-                next: vec![0; PRODUCERS],
-                items: 0,
-                errors: Vec::new(),
-            }))
-        })
-        .collect();
+    let seen: Vec<_> = (0..2).map(|_| Seen::shared(PRODUCERS)).collect();
     let batchers: Vec<_> = seen
         .iter()
         .map(|seen| {
@@ -286,13 +291,6 @@ fn producers_alternating_between_two_batchers_keep_their_order() {
     });
     for (b, batcher) in batchers.iter().enumerate() {
         let report = batcher.close().unwrap();
-        let s = seen[b].lock().unwrap();
-        assert!(s.errors.is_empty(), "batcher {b}: {:?}", s.errors);
-        assert!(
-            s.next.iter().all(|&n| n == PER),
-            "batcher {b}: {:?}",
-            s.next
-        );
-        assert_eq!(report.items, PRODUCERS as u64 * u64::from(PER));
+        check_delivered(&format!("batcher {b}"), &seen[b], PER, &report);
     }
 }
