@@ -18,6 +18,12 @@
 //! once per item, and producers on different shards share no cache line on
 //! their fast path. Lock order is always shard, then queue.
 //!
+//! A producer claims a free buffer (one compare-exchange on a counter)
+//! before it takes the queue lock to pop one. When every buffer is in use
+//! and many producers wait, each freed buffer lets one of them through: the
+//! others fail the claim without queueing on the lock that the consumer
+//! needs for its next batch.
+//!
 //! Buffers are never allocated or freed after construction; items are moved
 //! in on `add` and moved out (or dropped) exactly once by the guard, or by the
 //! batcher's own `Drop`.
@@ -98,8 +104,6 @@ struct Queue {
     free_head: usize,
     /// Buffers `fresh..` have never been used (they are free too).
     fresh: usize,
-    /// Free buffers, including never-used ones.
-    free: usize,
     /// Oldest and newest sealed batch, linked through `BufferMeta::next`.
     sealed_head: usize,
     sealed_tail: usize,
@@ -115,9 +119,12 @@ struct Queue {
 struct Hub<L> {
     lock: L,
     queue: UnsafeCell<Queue>,
-    /// Copy of `Queue::free`, read without the lock so that a producer
-    /// waiting for a buffer does not hammer the queue lock.
-    free_hint: AtomicUsize,
+    /// Free buffers (on the free list or never used) that no producer has
+    /// claimed yet. A producer decrements it before it takes the queue lock
+    /// to pop a buffer; the consumer increments it, with the queue lock
+    /// held, after pushing one. So it never exceeds the buffers in the free
+    /// list, and a claim always finds its buffer there.
+    free: AtomicUsize,
     /// Copy of `Queue::sealed_items`, so a consumer can poll for work
     /// without taking the lock. Written and read `SeqCst`: a consumer that
     /// announces it will sleep and then reads 0 here is sure to be seen by
@@ -194,7 +201,6 @@ impl<L: RawLock> Hub<L> {
                 queue: UnsafeCell::new(Queue {
                     free_head: NONE,
                     fresh: 0,
-                    free: buffers,
                     sealed_head: NONE,
                     sealed_tail: NONE,
                     sealed_items: 0,
@@ -203,7 +209,7 @@ impl<L: RawLock> Hub<L> {
                     sealed_tick: 0,
                     taken: 0,
                 }),
-                free_hint: AtomicUsize::new(buffers),
+                free: AtomicUsize::new(buffers),
                 sealed_hint: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
                 refused: AtomicUsize::new(0),
@@ -395,7 +401,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     /// that waits for room (another producer may take the buffer first).
     /// One relaxed load; no lock.
     pub fn has_free(&self) -> bool {
-        self.hub.free_hint.load(Ordering::Relaxed) > 0
+        self.hub.free.load(Ordering::Relaxed) > 0
     }
 
     /// `true` if a sealed batch is waiting to be taken.
@@ -458,27 +464,37 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     #[inline]
     fn open(&self) -> Option<usize> {
         let hub = &*self.hub;
-        if hub.closed.load(Ordering::Relaxed) || hub.free_hint.load(Ordering::Relaxed) == 0 {
+        if hub.closed.load(Ordering::Relaxed) {
             return None;
         }
+        // Claim first: producers that find no buffer leave without touching
+        // the queue lock. Acquire pairs with the consumer's Release
+        // increment (the queue lock orders the list itself).
+        hub.free
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| n.checked_sub(1))
+            .ok()?;
         let metas = self.storage.metas();
-        hub.with_queue(|q| {
-            let b = if q.free_head != NONE {
+        let b = hub.with_queue(|q| {
+            if q.free_head != NONE {
                 let b = q.free_head;
                 // SAFETY: the queue lock is held; free buffers' metadata is
                 // only touched under it.
                 q.free_head = unsafe { metas[b].next.with(|p| *p) };
-                b
+                Some(b)
             } else if q.fresh < metas.len() {
                 q.fresh += 1;
-                q.fresh - 1
+                Some(q.fresh - 1)
             } else {
-                return None;
-            };
-            q.free -= 1;
-            hub.free_hint.store(q.free, Ordering::Relaxed);
-            Some(b)
-        })
+                None
+            }
+        });
+        // A claim always finds a buffer (see `Hub::free`); were it ever not
+        // so, the claim goes back and the producer sees no room.
+        debug_assert!(b.is_some(), "a claimed buffer was missing");
+        if b.is_none() {
+            hub.free.fetch_add(1, Ordering::Release);
+        }
+        b
     }
 
     /// Gives a shard without a buffer a free one; `false` if there is none
@@ -561,8 +577,9 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
             // else touches its metadata.
             unsafe { metas[b].next.with_mut(|p| *p = q.free_head) };
             q.free_head = b;
-            q.free += 1;
-            hub.free_hint.store(q.free, Ordering::Relaxed);
+            // Inside the lock: a producer that claims this buffer takes the
+            // lock after this section, so it finds the buffer on the list.
+            hub.free.fetch_add(1, Ordering::Release);
         });
     }
 
