@@ -32,6 +32,9 @@ const LOST: Duration = Duration::from_secs(120);
 pub enum Impl {
     /// `snail_std::Batcher::add`, one call per item.
     SnailStdAdd,
+    /// `add` again, with `help_when_blocked(true)`: a blocked producer runs
+    /// the handler on a sealed batch itself.
+    SnailStdHelp,
     /// `snail_std::Batcher::add_many` with 64-item chunks.
     SnailStdAddMany,
     /// The `snail` core (`RawBatcher` + `HeapStorage`) from plain threads:
@@ -52,8 +55,9 @@ pub enum Impl {
 
 impl Impl {
     /// Every implementation, in table order.
-    pub const ALL: [Impl; 8] = [
+    pub const ALL: [Impl; 9] = [
         Impl::SnailStdAdd,
+        Impl::SnailStdHelp,
         Impl::SnailStdAddMany,
         Impl::SnailCore,
         Impl::Crossbeam,
@@ -67,6 +71,7 @@ impl Impl {
     pub fn name(self) -> &'static str {
         match self {
             Impl::SnailStdAdd => "snail-std-add",
+            Impl::SnailStdHelp => "snail-std-add-help",
             Impl::SnailStdAddMany => "snail-std-add_many",
             Impl::SnailCore => "snail-core",
             Impl::Crossbeam => "crossbeam",
@@ -102,8 +107,9 @@ impl Impl {
             self.name()
         );
         match self {
-            Impl::SnailStdAdd => snail_std_run(producers, items, false),
-            Impl::SnailStdAddMany => snail_std_run(producers, items, true),
+            Impl::SnailStdAdd => snail_std_run(producers, items, false, false),
+            Impl::SnailStdHelp => snail_std_run(producers, items, false, true),
+            Impl::SnailStdAddMany => snail_std_run(producers, items, true, false),
             Impl::SnailCore => snail_core(producers, items),
             Impl::Crossbeam => crossbeam(producers, items),
             Impl::StdMpsc => std_mpsc(producers, items),
@@ -207,13 +213,15 @@ where
 }
 
 /// snail-std: producers `add` (or `add_many` 64-item chunks); the handler
-/// sums each batch on the worker thread.
-fn snail_std_run(producers: usize, items: u64, many: bool) -> Duration {
+/// sums each batch on the worker thread (or, with `help`, on a producer
+/// blocked for a buffer).
+fn snail_std_run(producers: usize, items: u64, many: bool, help: bool) -> Duration {
     let (done_tx, done_rx) = mpsc::channel();
     let mut tally = Tally::default();
     let batcher = snail_std::Batcher::<u64>::builder()
         .batch_size(BATCH)
         .queue_size(QUEUE)
+        .help_when_blocked(help)
         .spawn(move |batch| {
             tally.add(batch);
             if tally.count == items {
@@ -222,10 +230,10 @@ fn snail_std_run(producers: usize, items: u64, many: bool) -> Duration {
             Ok::<(), Infallible>(())
         })
         .expect("spawn snail-std batcher");
-    let what = if many {
-        "snail-std add_many"
-    } else {
-        "snail-std add"
+    let what = match (many, help) {
+        (true, _) => "snail-std add_many",
+        (false, true) => "snail-std add, helping",
+        (false, false) => "snail-std add",
     };
     harness(
         what,

@@ -14,6 +14,7 @@ use snail::{Added, BiasedLock, Full, HeapStorage, RawBatcher, SizeError};
 
 use crate::bias::ThreadBias;
 use crate::route;
+use crate::worker::Consumer;
 
 use crate::error::{BuildError, Closed, HandlerPanicked, TryAddError};
 
@@ -99,6 +100,11 @@ pub(crate) struct Shared<T> {
     freed: AtomicUsize,
     wait_lock: Mutex<()>,
     wait_cv: Condvar,
+    /// The handler, locked by whoever runs it on a batch.
+    pub(crate) consumer: Mutex<Consumer<T>>,
+    /// A producer blocked for a buffer handles a batch itself
+    /// ([`Builder::help_when_blocked`]).
+    help: bool,
     pub(crate) delivered_items: AtomicU64,
     pub(crate) delivered_batches: AtomicU64,
     pub(crate) handler_errors: AtomicU64,
@@ -133,6 +139,12 @@ impl<T> Shared<T> {
         self.waiters.load(Relaxed) > 0
     }
 
+    /// Locks the handler (a handler panic never poisons it: it is caught
+    /// inside).
+    pub(crate) fn lock_consumer(&self) -> std::sync::MutexGuard<'_, Consumer<T>> {
+        self.consumer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Tells sleeping producers that a buffer was freed (or the batcher
     /// closed).
     pub(crate) fn notify_freed(&self) {
@@ -150,6 +162,7 @@ pub struct Builder<T> {
     queue_size: usize,
     linger: Duration,
     shards: Option<usize>,
+    help: bool,
     name: Option<String>,
     on_error: Option<ErrorHook>,
     _items: PhantomData<fn(T)>,
@@ -164,6 +177,7 @@ impl<T> fmt::Debug for Builder<T> {
             .field("queue_size", &self.queue_size)
             .field("linger", &self.linger)
             .field("shards", &self.shards)
+            .field("help_when_blocked", &self.help)
             .finish_non_exhaustive()
     }
 }
@@ -205,6 +219,21 @@ impl<T: Send + 'static> Builder<T> {
     /// 1024; the count is then rounded down to a power of two.
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = Some(shards);
+        self
+    }
+
+    /// Lets a producer that is blocked because every buffer is in use run
+    /// the handler itself on the oldest sealed batch, when no other thread
+    /// is running it, instead of waiting for the worker (default `false`).
+    ///
+    /// Batches still reach the handler one at a time and in order, and
+    /// [`Report`], [`on_error`](Self::on_error) and handler panics work as
+    /// on the worker; but the handler then runs on producer threads too, and
+    /// an `add` may take as long as a handler call. It pays off when there
+    /// are more busy threads than CPUs: the worker then waits for a CPU
+    /// while the producers that could use its buffers are the ones running.
+    pub fn help_when_blocked(mut self, help: bool) -> Self {
+        self.help = help;
         self
     }
 
@@ -270,16 +299,17 @@ impl<T: Send + 'static> Builder<T> {
             freed: AtomicUsize::new(0),
             wait_lock: Mutex::new(()),
             wait_cv: Condvar::new(),
+            consumer: Mutex::new(Consumer::new(handler, self.on_error)),
+            help: self.help,
             delivered_items: AtomicU64::new(0),
             delivered_batches: AtomicU64::new(0),
             handler_errors: AtomicU64::new(0),
             lingered: AtomicU64::new(0),
         });
         let worker_shared = Arc::clone(&shared);
-        let on_error = self.on_error;
         let worker = thread::Builder::new()
             .name(self.name.unwrap_or_else(|| "snail-worker".into()))
-            .spawn(move || crate::worker::run(&worker_shared, handler, on_error))
+            .spawn(move || crate::worker::run(&worker_shared))
             .map_err(BuildError::Spawn)?;
         // Set before the batcher is returned, so every producer finds it.
         let _ = shared.worker.set(worker.thread().clone());
@@ -321,6 +351,7 @@ impl<T: Send + 'static> Batcher<T> {
             queue_size: 2000,
             linger: Duration::from_millis(10),
             shards: None,
+            help: false,
             name: None,
             on_error: None,
             _items: PhantomData,
@@ -467,6 +498,10 @@ impl<T> Batcher<T> {
             if attempts <= SPINS {
                 std::hint::spin_loop();
             } else if attempts <= SPINS + YIELDS {
+                // Retry at once after handling a batch: that freed a buffer.
+                if shared.help && shared.core.has_sealed() && crate::worker::help(shared) {
+                    return true;
+                }
                 thread::yield_now();
             } else if !registered {
                 // Register, then read the counter, then retry once: a buffer

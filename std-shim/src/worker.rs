@@ -19,52 +19,150 @@ const IDLE_PARK: Duration = Duration::from_secs(1);
 /// before it parks.
 const POLL_BEFORE_PARK: Duration = Duration::from_micros(50);
 
-/// The worker's loop; returns when the batcher is closed and drained, or
-/// right after the handler panicked.
-pub(crate) fn run<T, F, E>(
-    shared: &Shared<T>,
-    mut handler: F,
-    mut on_error: Option<ErrorHook>,
-) -> Result<Report, HandlerPanicked>
+/// The handler with what it delivered: the worker runs it, and so may a
+/// producer blocked for a buffer (see [`help`]), one batch at a time under
+/// [`Shared::consumer`]'s lock.
+pub(crate) struct Consumer<T> {
+    /// `None` once the worker has finished: the handler is dropped then, on
+    /// the worker thread, as `close` returns.
+    handle: Option<Box<dyn HandleBatch<T>>>,
+    pub(crate) report: Report,
+    /// Set by whoever caught a handler panic; the worker returns it.
+    pub(crate) failed: Option<HandlerPanicked>,
+}
+
+/// The handler and the error hook, behind one object-safe call.
+trait HandleBatch<T>: Send {
+    /// Runs the handler on `batch` and drops the batch; `Ok(false)` if the
+    /// handler returned an error (the hook has seen it), `Err` with the
+    /// payload if it panicked.
+    fn handle(&mut self, batch: Batch<'_, T>) -> Result<bool, Box<dyn Any + Send>>;
+}
+
+struct Handler<F> {
+    handler: F,
+    on_error: Option<ErrorHook>,
+}
+
+impl<T, F, E> HandleBatch<T> for Handler<F>
 where
-    F: FnMut(&mut Batch<'_, T>) -> Result<(), E>,
+    F: FnMut(&mut Batch<'_, T>) -> Result<(), E> + Send,
     E: fmt::Display,
 {
-    let mut report = Report::default();
+    fn handle(&mut self, batch: Batch<'_, T>) -> Result<bool, Box<dyn Any + Send>> {
+        catch_unwind(AssertUnwindSafe(|| {
+            let mut batch = batch;
+            let result = (self.handler)(&mut batch);
+            drop(batch); // recycles the buffer, dropping what is left
+            if let Err(e) = &result {
+                if let Some(hook) = self.on_error.as_mut() {
+                    hook(e);
+                }
+            }
+            result.is_ok()
+        }))
+    }
+}
+
+impl<T> Consumer<T> {
+    pub(crate) fn new<F, E>(handler: F, on_error: Option<ErrorHook>) -> Self
+    where
+        F: FnMut(&mut Batch<'_, T>) -> Result<(), E> + Send + 'static,
+        E: fmt::Display + 'static,
+        T: 'static,
+    {
+        Self {
+            handle: Some(Box::new(Handler { handler, on_error })),
+            report: Report::default(),
+            failed: None,
+        }
+    }
+
+    /// Takes the oldest sealed batch and hands it to the handler. `false`
+    /// if there was none, or a handler panicked (now or before).
+    fn handle_next(&mut self, shared: &Shared<T>) -> bool {
+        let Some(handle) = self.handle.as_mut().filter(|_| self.failed.is_none()) else {
+            return false;
+        };
+        let Some(batch) = shared.core.try_take() else {
+            return false;
+        };
+        let items = batch.len() as u64;
+        let outcome = handle.handle(batch);
+        shared.notify_freed();
+        match outcome {
+            Ok(ok) => {
+                let report = &mut self.report;
+                report.items += items;
+                report.batches += 1;
+                report.handler_errors += u64::from(!ok);
+                shared.delivered_items.store(report.items, Relaxed);
+                shared.delivered_batches.store(report.batches, Relaxed);
+                shared.handler_errors.store(report.handler_errors, Relaxed);
+                true
+            }
+            Err(payload) => {
+                self.failed = Some(fail(shared, &*payload, items, self.report));
+                false
+            }
+        }
+    }
+}
+
+/// Called by a producer blocked for a buffer, with helping on: handles the
+/// oldest sealed batch on this thread if no one else is handling one, so
+/// that a buffer is freed without waiting for the worker to get a CPU.
+/// Returns `true` if it handled one.
+pub(crate) fn help<T>(shared: &Shared<T>) -> bool {
+    let mut consumer = match shared.consumer.try_lock() {
+        Ok(consumer) => consumer,
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return false,
+    };
+    let handled = consumer.handle_next(shared);
+    if consumer.failed.is_some() {
+        // The worker returns the error; wake it to do so.
+        if let Some(worker) = shared.worker.get() {
+            worker.unpark();
+        }
+    }
+    handled
+}
+
+/// The worker thread: runs [`work`], then drops the handler.
+pub(crate) fn run<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
+    let outcome = work(shared);
+    let handle = shared.lock_consumer().handle.take();
+    drop(handle); // outside the lock: its destructor may take long
+    outcome
+}
+
+/// The worker's loop; returns when the batcher is closed and drained, or
+/// right after a handler panicked.
+fn work<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
     // The linger stamps as last read, one per shard (allocated once).
     let mut seen = vec![0u64; shared.opened.len()];
     loop {
         // Read before draining: once `closing` is set every accepted item
-        // is in a sealed batch, so the drain below finds them all.
+        // is in a sealed batch, so the drain below finds them all. The lock
+        // is taken per batch so that helping producers can take turns; a
+        // batch a producer is handling is finished when the worker gets the
+        // lock, so the last look (with the lock held) sees the queue empty
+        // only once everything taken was handled.
         let closing = shared.closing.load(SeqCst);
-        while let Some(batch) = shared.core.try_take() {
-            let items = batch.len() as u64;
-            let outcome = catch_unwind(AssertUnwindSafe(|| {
-                let mut batch = batch;
-                let result = handler(&mut batch);
-                drop(batch); // recycles the buffer, dropping what is left
-                if let Err(e) = &result {
-                    if let Some(hook) = on_error.as_mut() {
-                        hook(e);
-                    }
-                }
-                result.is_ok()
-            }));
-            shared.notify_freed();
-            match outcome {
-                Ok(ok) => {
-                    report.items += items;
-                    report.batches += 1;
-                    report.handler_errors += u64::from(!ok);
-                    shared.delivered_items.store(report.items, Relaxed);
-                    shared.delivered_batches.store(report.batches, Relaxed);
-                    shared.handler_errors.store(report.handler_errors, Relaxed);
-                }
-                Err(payload) => return Err(fail(shared, &*payload, items, report)),
+        loop {
+            let mut consumer = shared.lock_consumer();
+            let handled = consumer.handle_next(shared);
+            if let Some(failed) = &consumer.failed {
+                return Err(failed.clone());
             }
-        }
-        if closing {
-            return Ok(report);
+            if handled {
+                continue;
+            }
+            if closing {
+                return Ok(consumer.report);
+            }
+            break;
         }
 
         // Linger: seal each shard's partial batch once its first item is
