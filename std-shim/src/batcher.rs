@@ -410,7 +410,9 @@ impl<T> Batcher<T> {
     }
 
     /// Adds `item`, blocking while every buffer is in use: it spins
-    /// briefly, yields, then sleeps until the worker frees a buffer.
+    /// briefly, yields, then sleeps until the worker frees a buffer. With
+    /// [`Builder::help_when_blocked`] it may run the handler on a sealed
+    /// batch while it yields.
     ///
     /// # Errors
     ///

@@ -4,7 +4,10 @@
 //! Producers on any number of threads [`add`](Batcher::add) single items; a
 //! worker thread receives them as batches and runs your handler once per
 //! batch: one `write` + `fsync`, one packet or one transaction per batch
-//! instead of per item.
+//! instead of per item. With [`help_when_blocked`](Builder::help_when_blocked),
+//! a producer blocked for a buffer may run the handler itself (still one
+//! batch at a time, in order), which pays off with more busy threads than
+//! CPUs.
 //!
 //! ```
 //! use std::io::Write;
@@ -51,7 +54,8 @@
 //! - At most `batch_size × buffers` items are held; buffers are allocated
 //!   once, at [`spawn`](Builder::spawn), and `add` allocates nothing.
 //! - `add` blocks while every buffer is in use (it is not lock-free): it
-//!   spins briefly, yields, then sleeps until the worker frees a buffer.
+//!   spins briefly, yields, then sleeps until the worker frees a buffer (or,
+//!   with `help_when_blocked`, handles a sealed batch itself).
 //! - A partial batch reaches the worker at most `linger` after its first item
 //!   was added (plus scheduling delay).
 //! - [`close`](Batcher::close) and drop deliver everything accepted before
