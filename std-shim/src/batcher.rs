@@ -229,9 +229,10 @@ impl<T: Send + 'static> Builder<T> {
     /// Batches still reach the handler one at a time and in order, and
     /// [`Report`], [`on_error`](Self::on_error) and handler panics work as
     /// on the worker; but the handler then runs on producer threads too, and
-    /// an `add` may take as long as a handler call. It pays off when there
-    /// are more busy threads than CPUs: the worker then waits for a CPU
-    /// while the producers that could use its buffers are the ones running.
+    /// an `add` may take as long as a handler call (`add_timeout` never
+    /// helps). It pays off when there are more busy threads than CPUs: the
+    /// worker then waits for a CPU while the producers that could use its
+    /// buffers are the ones running.
     pub fn help_when_blocked(mut self, help: bool) -> Self {
         self.help = help;
         self
@@ -424,7 +425,8 @@ impl<T> Batcher<T> {
             .map_err(|e| Closed(e.into_inner()))
     }
 
-    /// Like [`add`](Self::add), but waits at most `timeout`.
+    /// Like [`add`](Self::add), but waits at most `timeout`. It never runs
+    /// the handler, even with [`Builder::help_when_blocked`].
     ///
     /// # Errors
     ///
@@ -501,7 +503,12 @@ impl<T> Batcher<T> {
                 std::hint::spin_loop();
             } else if attempts <= SPINS + YIELDS {
                 // Retry at once after handling a batch: that freed a buffer.
-                if shared.help && shared.core.has_sealed() && crate::worker::help(shared) {
+                // Not with a deadline: a handler call could outlast it.
+                if shared.help
+                    && deadline.is_none()
+                    && shared.core.has_sealed()
+                    && crate::worker::help(shared)
+                {
                     return true;
                 }
                 thread::yield_now();

@@ -113,6 +113,33 @@ fn helping_producers_keep_order_and_lose_nothing() {
 }
 
 #[test]
+fn add_timeout_never_runs_the_handler() {
+    let by_producers = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&by_producers);
+    let b = builder()
+        .spawn(move |_| {
+            if !on_worker() {
+                counted.fetch_add(1, SeqCst);
+            }
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    std::thread::scope(|s| {
+        for p in 0..PRODUCERS {
+            let b = &b;
+            s.spawn(move || {
+                for seq in 0..PER {
+                    b.add_timeout(item(p, seq), Duration::from_secs(60))
+                        .expect("added within a minute");
+                }
+            });
+        }
+    });
+    assert_eq!(b.close().unwrap().items, PRODUCERS * PER);
+    assert_eq!(by_producers.load(SeqCst), 0);
+}
+
+#[test]
 fn handler_errors_on_a_producer_go_to_the_report_and_the_hook() {
     for _ in 0..ROUNDS {
         let hooked = Arc::new(AtomicU64::new(0));
