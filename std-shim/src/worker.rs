@@ -26,9 +26,9 @@ pub(crate) struct Consumer<T> {
     /// `None` once the worker has finished: the handler is dropped then, on
     /// the worker thread, as `close` returns.
     handle: Option<Box<dyn HandleBatch<T>>>,
-    pub(crate) report: Report,
+    report: Report,
     /// Set by whoever caught a handler panic; the worker returns it.
-    pub(crate) failed: Option<HandlerPanicked>,
+    failed: Option<HandlerPanicked>,
 }
 
 /// The handler and the error hook, behind one object-safe call.
