@@ -107,9 +107,9 @@ impl Impl {
             self.name()
         );
         match self {
-            Impl::SnailStdAdd => snail_std_run(producers, items, false, false),
-            Impl::SnailStdHelp => snail_std_run(producers, items, false, true),
-            Impl::SnailStdAddMany => snail_std_run(producers, items, true, false),
+            Impl::SnailStdAdd | Impl::SnailStdHelp | Impl::SnailStdAddMany => {
+                snail_std_run(self, producers, items)
+            }
             Impl::SnailCore => snail_core(producers, items),
             Impl::Crossbeam => crossbeam(producers, items),
             Impl::StdMpsc => std_mpsc(producers, items),
@@ -213,15 +213,16 @@ where
 }
 
 /// snail-std: producers `add` (or `add_many` 64-item chunks); the handler
-/// sums each batch on the worker thread (or, with `help`, on a producer
+/// sums each batch on the worker thread (or, with helping, on a producer
 /// blocked for a buffer).
-fn snail_std_run(producers: usize, items: u64, many: bool, help: bool) -> Duration {
+fn snail_std_run(imp: Impl, producers: usize, items: u64) -> Duration {
+    let many = imp == Impl::SnailStdAddMany;
     let (done_tx, done_rx) = mpsc::channel();
     let mut tally = Tally::default();
     let batcher = snail_std::Batcher::<u64>::builder()
         .batch_size(BATCH)
         .queue_size(QUEUE)
-        .help_when_blocked(help)
+        .help_when_blocked(imp == Impl::SnailStdHelp)
         .spawn(move |batch| {
             tally.add(batch);
             if tally.count == items {
@@ -230,13 +231,8 @@ fn snail_std_run(producers: usize, items: u64, many: bool, help: bool) -> Durati
             Ok::<(), Infallible>(())
         })
         .expect("spawn snail-std batcher");
-    let what = match (many, help) {
-        (true, _) => "snail-std add_many",
-        (false, true) => "snail-std add, helping",
-        (false, false) => "snail-std add",
-    };
     harness(
-        what,
+        imp.name(),
         producers,
         items,
         // After `close`, the handler (and `done_tx`) is dropped: a batcher

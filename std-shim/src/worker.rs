@@ -121,10 +121,9 @@ pub(crate) fn help<T>(shared: &Shared<T>) -> bool {
     };
     let handled = consumer.handle_next(shared);
     if consumer.failed.is_some() {
-        // The worker returns the error; wake it to do so.
-        if let Some(worker) = shared.worker.get() {
-            worker.unpark();
-        }
+        // The worker returns the error; wake it to do so (`fail` has set
+        // `closing`, which a worker about to park sees).
+        shared.wake_worker();
     }
     handled
 }
