@@ -18,6 +18,8 @@ use std::sync::{Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use snail_std::Help;
+
 /// Items per batch.
 pub const BATCH: usize = 1000;
 /// Room beyond the batch being filled: two more batches.
@@ -30,11 +32,15 @@ const LOST: Duration = Duration::from_secs(120);
 /// One way of running the workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Impl {
-    /// `snail_std::Batcher::add`, one call per item.
+    /// `snail_std::Batcher::add`, one call per item, default settings: a
+    /// blocked producer runs the handler itself while more producers are
+    /// blocked than there are CPUs (`Help::WhenOversubscribed`).
     SnailStdAdd,
-    /// `add` again, with `help_when_blocked(true)`: a blocked producer runs
-    /// the handler on a sealed batch itself.
+    /// `add` with `Help::Always`: any blocked producer runs the handler on a
+    /// sealed batch itself.
     SnailStdHelp,
+    /// `add` with `Help::Never`: the handler runs on the worker only.
+    SnailStdNever,
     /// `snail_std::Batcher::add_many` with 64-item chunks.
     SnailStdAddMany,
     /// The `snail` core (`RawBatcher` + `HeapStorage`) from plain threads:
@@ -55,9 +61,10 @@ pub enum Impl {
 
 impl Impl {
     /// Every implementation, in table order.
-    pub const ALL: [Impl; 9] = [
+    pub const ALL: [Impl; 10] = [
         Impl::SnailStdAdd,
         Impl::SnailStdHelp,
+        Impl::SnailStdNever,
         Impl::SnailStdAddMany,
         Impl::SnailCore,
         Impl::Crossbeam,
@@ -72,6 +79,7 @@ impl Impl {
         match self {
             Impl::SnailStdAdd => "snail-std-add",
             Impl::SnailStdHelp => "snail-std-add-help",
+            Impl::SnailStdNever => "snail-std-add-never",
             Impl::SnailStdAddMany => "snail-std-add_many",
             Impl::SnailCore => "snail-core",
             Impl::Crossbeam => "crossbeam",
@@ -107,9 +115,10 @@ impl Impl {
             self.name()
         );
         match self {
-            Impl::SnailStdAdd | Impl::SnailStdHelp | Impl::SnailStdAddMany => {
-                snail_std_run(self, producers, items)
-            }
+            Impl::SnailStdAdd
+            | Impl::SnailStdHelp
+            | Impl::SnailStdNever
+            | Impl::SnailStdAddMany => snail_std_run(self, producers, items),
             Impl::SnailCore => snail_core(producers, items),
             Impl::Crossbeam => crossbeam(producers, items),
             Impl::StdMpsc => std_mpsc(producers, items),
@@ -222,7 +231,11 @@ fn snail_std_run(imp: Impl, producers: usize, items: u64) -> Duration {
     let batcher = snail_std::Batcher::<u64>::builder()
         .batch_size(BATCH)
         .queue_size(QUEUE)
-        .help_when_blocked(imp == Impl::SnailStdHelp)
+        .help_when_blocked(match imp {
+            Impl::SnailStdHelp => Help::Always,
+            Impl::SnailStdNever => Help::Never,
+            _ => Help::default(),
+        })
         .spawn(move |batch| {
             tally.add(batch);
             if tally.count == items {

@@ -74,6 +74,29 @@ pub struct Stats {
     pub delivered: Report,
 }
 
+/// When a producer blocked for a buffer runs the handler itself, from
+/// [`Builder::help_when_blocked`].
+///
+/// A blocked producer waits for the worker to free a buffer. With more
+/// runnable threads than CPUs the worker waits for a CPU too, behind the
+/// producers that wait for it; a producer that handles the oldest sealed
+/// batch itself frees a buffer without that wait.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Help {
+    /// Never: the handler runs on the worker thread only.
+    Never,
+    /// While more producers are blocked than there are CPUs
+    /// ([`std::thread::available_parallelism`]), that is, while the worker
+    /// cannot count on a CPU of its own. With no more producers than CPUs
+    /// this is [`Never`](Self::Never).
+    #[default]
+    WhenOversubscribed,
+    /// Whenever a producer is blocked (and no other thread is running the
+    /// handler).
+    Always,
+}
+
 /// State shared by the producers, the worker and the owner.
 pub(crate) struct Shared<T> {
     pub(crate) core: Core<T>,
@@ -94,21 +117,36 @@ pub(crate) struct Shared<T> {
     pub(crate) worker: OnceLock<Thread>,
     /// Set after `core.close()` returned: every accepted item is sealed.
     pub(crate) closing: AtomicBool,
-    /// Producers sleeping (or about to) until a buffer is freed.
-    waiters: AtomicUsize,
-    /// Bumped whenever a buffer is freed or the batcher closes.
-    freed: AtomicUsize,
+    /// Counters of the blocked path, on a line of their own.
+    waiting: Waiting,
     wait_lock: Mutex<()>,
     wait_cv: Condvar,
     /// The handler, locked by whoever runs it on a batch.
     pub(crate) consumer: Mutex<Consumer<T>>,
-    /// A producer blocked for a buffer handles a batch itself
-    /// ([`Builder::help_when_blocked`]).
-    help: bool,
+    /// A producer blocked for a buffer handles a batch itself while more
+    /// than this many producers are blocked ([`Builder::help_when_blocked`]).
+    help_above: usize,
     pub(crate) delivered_items: AtomicU64,
     pub(crate) delivered_batches: AtomicU64,
     pub(crate) handler_errors: AtomicU64,
     pub(crate) lingered: AtomicU64,
+}
+
+/// What blocked producers and the worker count. Written only on the blocked
+/// path and once per freed buffer, so kept off the line that every `add`
+/// reads.
+#[cfg_attr(any(target_arch = "x86_64", target_arch = "aarch64"), repr(align(128)))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    repr(align(64))
+)]
+struct Waiting {
+    /// Producers in the blocked path of `add` (spinning, yielding or asleep).
+    blocked: AtomicUsize,
+    /// Producers sleeping (or about to) until a buffer is freed.
+    sleeping: AtomicUsize,
+    /// Bumped whenever a buffer is freed or the batcher closes.
+    freed: AtomicUsize,
 }
 
 impl<T> Shared<T> {
@@ -136,7 +174,7 @@ impl<T> Shared<T> {
     /// `true` if a producer is sleeping (or about to) until a buffer is
     /// freed.
     pub(crate) fn producers_sleeping(&self) -> bool {
-        self.waiters.load(Relaxed) > 0
+        self.waiting.sleeping.load(Relaxed) > 0
     }
 
     /// Locks the handler (a handler panic never poisons it: it is caught
@@ -148,8 +186,8 @@ impl<T> Shared<T> {
     /// Tells sleeping producers that a buffer was freed (or the batcher
     /// closed).
     pub(crate) fn notify_freed(&self) {
-        self.freed.fetch_add(1, SeqCst);
-        if self.waiters.load(SeqCst) > 0 {
+        self.waiting.freed.fetch_add(1, SeqCst);
+        if self.waiting.sleeping.load(SeqCst) > 0 {
             let _guard = self.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
             self.wait_cv.notify_all();
         }
@@ -162,7 +200,7 @@ pub struct Builder<T> {
     queue_size: usize,
     linger: Duration,
     shards: Option<usize>,
-    help: bool,
+    help: Help,
     name: Option<String>,
     on_error: Option<ErrorHook>,
     _items: PhantomData<fn(T)>,
@@ -222,18 +260,18 @@ impl<T: Send + 'static> Builder<T> {
         self
     }
 
-    /// Lets a producer that is blocked because every buffer is in use run
-    /// the handler itself on the oldest sealed batch, when no other thread
-    /// is running it, instead of waiting for the worker (default `false`).
+    /// When a producer that is blocked because every buffer is in use may
+    /// run the handler itself on the oldest sealed batch (if no other thread
+    /// is running it) instead of waiting for the worker. Default:
+    /// [`Help::WhenOversubscribed`].
     ///
     /// Batches still reach the handler one at a time and in order, and
     /// [`Report`], [`on_error`](Self::on_error) and handler panics work as
-    /// on the worker; but the handler then runs on producer threads too, and
+    /// on the worker; but the handler may then run on producer threads, and
     /// an `add` may take as long as a handler call (`add_timeout` never
-    /// helps). It pays off when there are more busy threads than CPUs: the
-    /// worker then waits for a CPU while the producers that could use its
-    /// buffers are the ones running.
-    pub fn help_when_blocked(mut self, help: bool) -> Self {
+    /// helps). Choose [`Help::Never`] for a handler that must stay on the
+    /// worker thread (thread-locals, thread affinity).
+    pub fn help_when_blocked(mut self, help: Help) -> Self {
         self.help = help;
         self
     }
@@ -267,12 +305,11 @@ impl<T: Send + 'static> Builder<T> {
             return Err(BuildError::ZeroBatchSize);
         }
         crate::bias::init();
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
         let shards = match self.shards {
             Some(0) => return Err(BuildError::ZeroShards),
             Some(n) => n.min(MAX_SHARDS),
-            None => thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(MAX_DEFAULT_SHARDS),
+            None => cpus.min(MAX_DEFAULT_SHARDS),
         };
         // Round down to a power of two, so a thread's shard is a mask away.
         let shards = 1 << shards.ilog2();
@@ -296,12 +333,19 @@ impl<T: Send + 'static> Builder<T> {
             worker_idle: AtomicBool::new(false),
             worker: OnceLock::new(),
             closing: AtomicBool::new(false),
-            waiters: AtomicUsize::new(0),
-            freed: AtomicUsize::new(0),
+            waiting: Waiting {
+                blocked: AtomicUsize::new(0),
+                sleeping: AtomicUsize::new(0),
+                freed: AtomicUsize::new(0),
+            },
             wait_lock: Mutex::new(()),
             wait_cv: Condvar::new(),
             consumer: Mutex::new(Consumer::new(handler, self.on_error)),
-            help: self.help,
+            help_above: match self.help {
+                Help::Never => usize::MAX,
+                Help::WhenOversubscribed => cpus,
+                Help::Always => 0,
+            },
             delivered_items: AtomicU64::new(0),
             delivered_batches: AtomicU64::new(0),
             handler_errors: AtomicU64::new(0),
@@ -352,7 +396,7 @@ impl<T: Send + 'static> Batcher<T> {
             queue_size: 2000,
             linger: Duration::from_millis(10),
             shards: None,
-            help: false,
+            help: Help::default(),
             name: None,
             on_error: None,
             _items: PhantomData,
@@ -411,9 +455,10 @@ impl<T> Batcher<T> {
     }
 
     /// Adds `item`, blocking while every buffer is in use: it spins
-    /// briefly, yields, then sleeps until the worker frees a buffer. With
-    /// [`Builder::help_when_blocked`] it may run the handler on a sealed
-    /// batch while it yields.
+    /// briefly, yields, then sleeps until the worker frees a buffer. While
+    /// it yields it may run the handler on the oldest sealed batch itself:
+    /// by default only while more producers are blocked than there are CPUs
+    /// (see [`Builder::help_when_blocked`]).
     ///
     /// # Errors
     ///
@@ -426,7 +471,7 @@ impl<T> Batcher<T> {
     }
 
     /// Like [`add`](Self::add), but waits at most `timeout`. It never runs
-    /// the handler, even with [`Builder::help_when_blocked`].
+    /// the handler, whatever [`Builder::help_when_blocked`] says.
     ///
     /// # Errors
     ///
@@ -492,6 +537,8 @@ impl<T> Batcher<T> {
         let mut registered = false;
         let mut seen = 0;
         let (shard, producer) = self.producer();
+        let waiting = &shared.waiting;
+        waiting.blocked.fetch_add(1, Relaxed);
         let result = producer.add_with(item, || loop {
             attempts += 1;
             if let Some(deadline) = deadline {
@@ -504,8 +551,8 @@ impl<T> Batcher<T> {
             } else if attempts <= SPINS + YIELDS {
                 // Retry at once after handling a batch: that freed a buffer.
                 // Not with a deadline: a handler call could outlast it.
-                if shared.help
-                    && deadline.is_none()
+                if deadline.is_none()
+                    && waiting.blocked.load(Relaxed) > shared.help_above
                     && shared.core.has_sealed()
                     && crate::worker::help(shared)
                 {
@@ -515,14 +562,14 @@ impl<T> Batcher<T> {
             } else if !registered {
                 // Register, then read the counter, then retry once: a buffer
                 // freed after this read either shows up in the retry or
-                // wakes us below (the worker sees `waiters > 0`).
-                shared.waiters.fetch_add(1, SeqCst);
+                // wakes us below (the worker sees `sleeping > 0`).
+                waiting.sleeping.fetch_add(1, SeqCst);
                 registered = true;
-                seen = shared.freed.load(SeqCst);
+                seen = waiting.freed.load(SeqCst);
                 return true;
             } else {
                 let guard = shared.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
-                if shared.freed.load(SeqCst) == seen {
+                if waiting.freed.load(SeqCst) == seen {
                     let slice = match deadline {
                         Some(d) => d.saturating_duration_since(Instant::now()).min(SLEEP_SLICE),
                         None => SLEEP_SLICE,
@@ -531,7 +578,7 @@ impl<T> Batcher<T> {
                 } else {
                     drop(guard);
                 }
-                seen = shared.freed.load(SeqCst);
+                seen = waiting.freed.load(SeqCst);
                 return true;
             }
             // Retrying takes the shard lock, and with it the shard's bias
@@ -543,8 +590,9 @@ impl<T> Batcher<T> {
             }
         });
         if registered {
-            shared.waiters.fetch_sub(1, SeqCst);
+            waiting.sleeping.fetch_sub(1, SeqCst);
         }
+        waiting.blocked.fetch_sub(1, Relaxed);
         match result {
             Ok(done) => {
                 self.added(shard, done);

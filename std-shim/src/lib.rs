@@ -4,10 +4,10 @@
 //! Producers on any number of threads [`add`](Batcher::add) single items; a
 //! worker thread receives them as batches and runs your handler once per
 //! batch: one `write` + `fsync`, one packet or one transaction per batch
-//! instead of per item. With [`help_when_blocked`](Builder::help_when_blocked),
-//! a producer blocked for a buffer may run the handler itself (still one
-//! batch at a time, in order), which pays off with more busy threads than
-//! CPUs.
+//! instead of per item. While more producers are blocked for a buffer than
+//! there are CPUs, a blocked producer runs the handler itself (still one
+//! batch at a time, in order) instead of waiting for the worker to get a CPU;
+//! [`help_when_blocked`](Builder::help_when_blocked) changes when.
 //!
 //! ```
 //! use std::io::Write;
@@ -55,7 +55,7 @@
 //!   once, at [`spawn`](Builder::spawn), and `add` allocates nothing.
 //! - `add` blocks while every buffer is in use (it is not lock-free): it
 //!   spins briefly, yields, then sleeps until the worker frees a buffer (or,
-//!   with `help_when_blocked`, handles a sealed batch itself).
+//!   see [`Help`], handles a sealed batch itself).
 //! - A partial batch reaches the worker at most `linger` after its first item
 //!   was added (plus scheduling delay).
 //! - [`close`](Batcher::close) and drop deliver everything accepted before
@@ -69,5 +69,5 @@ mod error;
 mod route;
 mod worker;
 
-pub use batcher::{Batch, Batcher, Builder, Report, Stats};
+pub use batcher::{Batch, Batcher, Builder, Help, Report, Stats};
 pub use error::{BuildError, Closed, HandlerPanicked, TryAddError};

@@ -1,10 +1,11 @@
 #![allow(unexpected_cfgs)]
 #![cfg(not(snail_loom))]
-//! `help_when_blocked(true)`: producers blocked for a buffer run the handler
-//! themselves. Batches must still reach the handler one at a time and in
-//! order, nothing may be lost, `close` must wait for a batch a producer is
-//! handling, and errors and panics on a producer thread must be reported as
-//! on the worker.
+//! `help_when_blocked`: producers blocked for a buffer run the handler
+//! themselves (`Help::Always`; by default only while more producers are
+//! blocked than there are CPUs; never with `Help::Never`). Batches must still
+//! reach the handler one at a time and in order, nothing may be lost, `close`
+//! must wait for a batch a producer is handling, and errors and panics on a
+//! producer thread must be reported as on the worker.
 //!
 //! Whether a producer gets to help depends on the scheduler, so each test
 //! repeats its round until helping happened (or gives up after `ROUNDS`
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use snail_std::{Batcher, Builder, Closed};
+use snail_std::{Batcher, Builder, Closed, Help};
 
 const PRODUCERS: u64 = 4;
 const PER: u64 = 5_000;
@@ -30,7 +31,7 @@ fn builder() -> Builder<u64> {
         .queue_size(0)
         .shards(1)
         .linger(Duration::from_millis(1))
-        .help_when_blocked(true)
+        .help_when_blocked(Help::Always)
 }
 
 fn on_worker() -> bool {
@@ -45,9 +46,14 @@ fn item(p: u64, seq: u64) -> u64 {
 /// Runs `PRODUCERS` threads adding `PER` items each until the batcher
 /// refuses one; returns how many were accepted.
 fn feed(b: &Batcher<u64>) -> u64 {
+    feed_from(b, PRODUCERS)
+}
+
+/// [`feed`] with `producers` threads.
+fn feed_from(b: &Batcher<u64>, producers: u64) -> u64 {
     let accepted = AtomicU64::new(0);
     std::thread::scope(|s| {
-        for p in 0..PRODUCERS {
+        for p in 0..producers {
             let accepted = &accepted;
             s.spawn(move || {
                 for seq in 0..PER {
@@ -110,6 +116,50 @@ fn helping_producers_keep_order_and_lose_nothing() {
         }
     }
     assert!(helped > 0, "no producer ran the handler in {ROUNDS} rounds");
+}
+
+/// One round of `producers` threads with `help`; returns how many batches
+/// the handler ran on a producer thread.
+fn batches_handled_by_producers(help: Help, producers: u64) -> u64 {
+    let by_producers = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&by_producers);
+    let b = builder()
+        .help_when_blocked(help)
+        .spawn(move |_| {
+            if !on_worker() {
+                counted.fetch_add(1, SeqCst);
+            }
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    assert_eq!(feed_from(&b, producers), producers * PER);
+    assert_eq!(b.close().unwrap().items, producers * PER);
+    by_producers.load(SeqCst)
+}
+
+fn cpus() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+}
+
+#[test]
+fn never_keeps_the_handler_on_the_worker() {
+    for _ in 0..5 {
+        assert_eq!(batches_handled_by_producers(Help::Never, 2 * cpus() + 2), 0);
+    }
+}
+
+#[test]
+fn by_default_producers_help_only_when_more_are_blocked_than_cpus() {
+    // At most as many producers as CPUs: never more blocked than CPUs.
+    for _ in 0..5 {
+        assert_eq!(batches_handled_by_producers(Help::default(), cpus()), 0);
+    }
+    let oversubscribed = 2 * cpus() + 2;
+    assert!(
+        (0..ROUNDS).any(|_| batches_handled_by_producers(Help::default(), oversubscribed) > 0),
+        "{oversubscribed} producers on {} CPUs never helped in {ROUNDS} rounds",
+        cpus()
+    );
 }
 
 #[test]
