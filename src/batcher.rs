@@ -585,13 +585,17 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
 
     /// Writes items pulled from `next` into the shard, opening and sealing
     /// buffers as needed, until `next` returns `None` or no buffer is free.
-    /// Returns what was done and the item that found no room, if any.
+    /// `next` yields a pending item `P` that `make` turns into the item as
+    /// it is written (a slice's `&T` is cloned only once it has a slot).
+    /// Returns what was done and the pending item that found no room, if
+    /// any.
     #[inline(always)]
-    fn push_in(
+    fn push_in<P>(
         &self,
         shard: &ShardInner<L>,
-        mut next: impl FnMut() -> Option<T>,
-    ) -> (Added, Option<T>) {
+        mut next: impl FnMut() -> Option<P>,
+        make: impl Fn(P) -> T,
+    ) -> (Added, Option<P>) {
         let batch = self.storage.batch();
         let slots = self.storage.slots();
         with_shard(shard, |st| {
@@ -602,11 +606,11 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                 added: &shard.added,
                 items: 0,
             };
-            'items: while let Some(mut item) = next() {
+            'items: while let Some(mut pending) = next() {
                 if st.current == NONE {
                     if !self.open_for(st) {
                         done.items = written.items;
-                        return (done, Some(item));
+                        return (done, Some(pending));
                     }
                     done.opened = true;
                 }
@@ -616,11 +620,18 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                     debug_assert!(st.len < batch && base + st.len < slots.len());
                     self.track_slots(base + st.len, 1, true);
                     // SAFETY: `current < buffers` and `len < batch`, so the
-                    // index is in bounds. The slot belongs to this shard's
-                    // open buffer and lies past its filled part: only the
-                    // holder of this shard's lock touches it, and it holds no
-                    // item to overwrite.
-                    unsafe { slots.get_unchecked(base + st.len).get().write(item) };
+                    // index is in bounds.
+                    let slot = unsafe { slots.get_unchecked(base + st.len) };
+                    // A panicking `make` (a clone) leaves the slot empty and
+                    // uncounted; if it was a new buffer's first item, the
+                    // shard keeps that buffer open and empty, which every
+                    // path handles (they seal only when `len > 0`).
+                    let item = make(pending);
+                    // SAFETY: the slot belongs to this shard's open buffer
+                    // and lies past its filled part: only the holder of this
+                    // shard's lock touches it, and it holds no item to
+                    // overwrite.
+                    unsafe { slot.get().write(item) };
                     self.prefetch_after(st.current, st.len);
                     st.len += 1;
                     written.items += 1;
@@ -630,7 +641,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                         continue 'items;
                     }
                     match next() {
-                        Some(more) => item = more,
+                        Some(more) => pending = more,
                         None => break 'items,
                     }
                 }
@@ -839,13 +850,14 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Producer<'a, T, S, L, R> {
     }
 
     /// Adds clones of a prefix of `items`, as many as fit without waiting,
-    /// under one lock acquisition; returns how many.
+    /// under one lock acquisition; returns how many. Only the items added
+    /// are cloned.
     pub fn try_add_many(&self, items: &[T]) -> usize
     where
         T: Clone,
     {
         let mut iter = items.iter();
-        let (done, refused) = self.batcher.push_in(self.shard, || iter.next().cloned());
+        let (done, refused) = self.batcher.push_in(self.shard, || iter.next(), T::clone);
         if refused.is_some() {
             self.batcher.count_refusal();
         }
@@ -859,7 +871,9 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Producer<'a, T, S, L, R> {
     /// `iter` runs with the shard lock held: keep it cheap, and never add to
     /// the same batcher from inside it (that would deadlock).
     pub fn try_extend<I: Iterator<Item = T>>(&self, iter: &mut I) -> (Added, Option<T>) {
-        let (done, refused) = self.batcher.push_in(self.shard, || iter.next());
+        let (done, refused) = self
+            .batcher
+            .push_in(self.shard, || iter.next(), |item| item);
         if refused.is_some() {
             self.batcher.count_refusal();
         }

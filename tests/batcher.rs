@@ -1220,6 +1220,49 @@ fn a_panicking_clone_in_try_add_many_leaves_the_batcher_consistent() {
 }
 
 #[test]
+fn a_panicking_clone_of_a_new_buffers_first_item_leaves_it_open_and_empty() {
+    reset();
+    let b: Batcher<Tracked, 2, 3> = Batcher::new();
+    let items = tracked(0..4);
+    // 0 and 1 fill a batch; 2 opens the next buffer, and its clone panics.
+    POISON_CLONE.with(|p| p.set(Some(2)));
+    let result = catch_unwind(AssertUnwindSafe(|| b.try_add_many(&items)));
+    assert!(result.is_err(), "the clone of 2 panicked");
+    POISON_CLONE.with(|p| p.set(None));
+    assert_eq!(b.len(), 2);
+    assert_eq!(b.stats().added, 2);
+    assert!(!b.flush(), "an open empty buffer is no partial batch");
+    assert!(!b.tick() && !b.tick(), "nor for tick");
+    // The open buffer takes the next items; the third buffer is still free.
+    assert_eq!(b.try_add_many(&items[2..]), 2);
+    b.try_add(Tracked::new(9)).unwrap();
+    assert!(b.flush());
+    assert_eq!(take_values(&b), vec![vec![0, 1], vec![2, 3], vec![9]]);
+    assert!(b.try_take().is_none());
+    drop(items);
+    drop(b);
+    assert_eq!(live(), 0);
+}
+
+#[test]
+fn try_add_many_clones_only_what_it_adds() {
+    reset();
+    let b: Batcher<Tracked, 2, 1> = Batcher::new();
+    let items = tracked(0..5);
+    assert_eq!(b.try_add_many(&items), 2);
+    assert_eq!(b.try_add_many(&items[2..]), 0);
+    assert_eq!(
+        live(),
+        5 + 2,
+        "no clone of a refused item, not even briefly"
+    );
+    assert_eq!(created(), 5 + 2);
+    drop(items);
+    drop(b);
+    assert_eq!(live(), 0);
+}
+
+#[test]
 fn a_panicking_iterator_in_try_extend_releases_the_lock() {
     reset();
     let b: Batcher<Tracked, 4, 2> = Batcher::new();
