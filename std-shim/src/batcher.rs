@@ -422,6 +422,7 @@ impl<T> Batcher<T> {
         }
         if done.sealed {
             self.shared.wake_worker();
+            route::after_seal(&self.shared, done.opened);
         }
     }
 

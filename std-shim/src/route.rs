@@ -4,15 +4,18 @@
 //! different shards, or they contend for one lock (and take its bias from
 //! each other) while another shard sits idle. Threads do not stay on one CPU,
 //! and there may be many more of them than CPUs, so a fixed shard per thread
-//! collides often. A thread therefore follows its CPU: every
-//! [`CHECK_EVERY`] adds it looks up the CPU it runs on (`sched_getcpu`,
-//! Linux only) and moves to that CPU's shard.
+//! collides often. A thread therefore follows its CPU: whenever one of its
+//! adds seals a batch it looks up the CPU it runs on (`sched_getcpu`, Linux
+//! only) and moves to that CPU's shard. The add path itself does no more
+//! than read the route; a thread that shares its shard seals its share of
+//! the batches, so it checks about as often as it contends.
 //!
-//! A thread's items must stay in order, so before it moves it seals the
-//! partial batch of the shard it leaves, which holds its last items there
-//! if any are unsealed: a batch sealed later is queued after that one. A
-//! move costs one lock of the old shard and may make one batch short; a
-//! thread moves when the scheduler moved it, which is rare next to adds.
+//! A thread's items must stay in order. An add that sealed a batch left
+//! none of its thread's items unsealed on the shard (its last item went into
+//! that batch), so the move costs nothing; after an `add_many` that went on
+//! into a new batch, the thread first seals the partial batch of the shard
+//! it leaves: a batch sealed later is queued after that one. That costs one
+//! lock of the old shard and may make one batch short.
 //!
 //! The route lives in a thread-local and serves one batcher at a time. For
 //! any other batcher the thread adds through its fixed shard, its
@@ -27,9 +30,6 @@ use std::sync::Weak;
 use crate::batcher::Shared;
 use crate::bias::thread_number;
 
-/// Adds between two looks at the CPU.
-const CHECK_EVERY: u32 = 64;
-
 // The route, one field per thread-local: the add path reads and writes
 // single words (a struct in one `Cell` is copied in and out whole, and the
 // wide loads of a value just stored narrowly stall the pipeline).
@@ -39,8 +39,6 @@ thread_local! {
     static SHARD: Cell<usize> = const { Cell::new(0) };
     /// This thread's fixed shard in the routed batcher.
     static FIXED: Cell<usize> = const { Cell::new(0) };
-    /// Adds left before the next look at the CPU.
-    static COUNTDOWN: Cell<u32> = const { Cell::new(0) };
     /// The routed batcher (its `Shared`), kept allocated so that its address
     /// is nobody else's while `BATCHER` holds it, and so that its end shows.
     static HELD: RefCell<Option<Weak<dyn Any + Send + Sync>>> = const { RefCell::new(None) };
@@ -59,27 +57,27 @@ pub(crate) fn pick<T>(shared: &Shared<T>) -> usize {
     if BATCHER.get() != id(shared) {
         return take(shared);
     }
-    let countdown = COUNTDOWN.get();
-    if countdown > 0 {
-        COUNTDOWN.set(countdown - 1);
-        return SHARD.get();
-    }
-    follow_cpu(shared)
+    SHARD.get()
 }
 
-/// Moves the route to the current CPU's shard, sealing the partial batch of
-/// the shard it leaves (which may hold this thread's last items).
+/// After an add of this thread to `shared` sealed a batch: moves the route
+/// to the current CPU's shard. `unsealed`: the add may have left items of
+/// this thread in the shard's partial batch (it went on into a new batch),
+/// which is then sealed before the move.
 #[inline(never)]
-fn follow_cpu<T>(shared: &Shared<T>) -> usize {
-    COUNTDOWN.set(CHECK_EVERY - 1);
+pub(crate) fn after_seal<T>(shared: &Shared<T>, unsealed: bool) {
+    if shared.mask == 0 || BATCHER.get() != id(shared) {
+        return; // not routed: the thread keeps to its fixed shard
+    }
     let shard = SHARD.get();
     match current_cpu() {
         Some(cpu) if cpu & shared.mask != shard => {
-            shared.flush_shard(shard);
+            if unsealed {
+                shared.flush_shard(shard);
+            }
             SHARD.set(cpu & shared.mask);
-            cpu & shared.mask
         }
-        _ => shard,
+        _ => {}
     }
 }
 
@@ -103,9 +101,6 @@ fn take<T>(shared: &Shared<T>) -> usize {
         BATCHER.set(id(shared));
         SHARD.set(fixed);
         FIXED.set(fixed);
-        // Not at once: a move seals the partial batch it leaves, and a
-        // thread that adds a handful of items should not cut its batches.
-        COUNTDOWN.set(CHECK_EVERY - 1);
     }
     fixed
 }
