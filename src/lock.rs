@@ -300,37 +300,45 @@ impl<B, R> core::fmt::Debug for BiasedLock<B, R> {
     }
 }
 
-/// Clears the owner's mark when dropped, also during unwinding.
-struct LeaveOwned<'a>(&'a AtomicUsize);
+/// Leaves a biased lock when dropped after the closure, also during
+/// unwinding. The closure runs in `lock` itself, whichever way the lock was
+/// taken, so that it is never passed to (and spilled for) the slow path.
+enum Leave<'a, B, R> {
+    /// The owner's entry: clear the owner's mark.
+    Owned(&'a AtomicUsize),
+    /// The slow path: hand the lock to its new owner, if granted (keeping
+    /// it held), or release it.
+    Locked {
+        lock: &'a BiasedLock<B, R>,
+        grant: Option<&'static BiasSlot>,
+    },
+}
 
-impl Drop for LeaveOwned<'_> {
+impl<B, R> Drop for Leave<'_, B, R> {
     #[inline(always)]
     fn drop(&mut self) {
-        self.0.store(0, Ordering::Release);
+        match *self {
+            Leave::Owned(inside) => inside.store(0, Ordering::Release),
+            Leave::Locked { lock, grant } => lock.leave_locked(grant),
+        }
     }
 }
 
-/// Leaves the slow path when dropped, also during unwinding: hands the lock
-/// to its new owner (keeping it held) or releases it.
-struct LeaveLocked<'a, B, R> {
-    lock: &'a BiasedLock<B, R>,
-    grant: Option<&'static BiasSlot>,
-}
-
-impl<B, R> Drop for LeaveLocked<'_, B, R> {
-    #[inline]
-    fn drop(&mut self) {
-        match self.grant {
-            None => self.lock.locked.store(false, Ordering::Release),
+impl<B, R> BiasedLock<B, R> {
+    /// Leaves the slow path: see [`Leave::Locked`].
+    #[cold]
+    #[inline(never)]
+    fn leave_locked(&self, grant: Option<&'static BiasSlot>) {
+        match grant {
+            None => self.locked.store(false, Ordering::Release),
             Some(slot) => {
-                let lock = self.lock;
-                lock.entries.store(0, Ordering::Relaxed);
-                lock.owner_slot
+                self.entries.store(0, Ordering::Relaxed);
+                self.owner_slot
                     .store(slot as *const BiasSlot as *mut BiasSlot, Ordering::Relaxed);
                 // Release: a revoker that reads this with its Acquire
                 // compare-exchange sees the two stores above and what the
                 // closure wrote.
-                lock.owner.store(id(slot), Ordering::Release);
+                self.owner.store(id(slot), Ordering::Release);
             }
         }
     }
@@ -355,10 +363,10 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
 
     /// Takes the lock the ordinary way, revoking an owner if there is one
     /// (this thread too, when it comes here from inside another biased lock
-    /// it owns), then runs `f`.
+    /// it owns); the returned guard leaves it.
     #[cold]
     #[inline(never)]
-    fn lock_slow<T>(&self, slot: &'static BiasSlot, f: impl FnOnce() -> T) -> T {
+    fn lock_slow(&self, slot: &'static BiasSlot) -> Leave<'_, B, R> {
         let me = id(slot);
         let mut contended = false;
         'acquire: loop {
@@ -408,8 +416,7 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
         let grant = (streak >= threshold).then_some(slot);
         self.streak
             .store(if grant.is_some() { 0 } else { streak }, Ordering::Relaxed);
-        let _leave = LeaveLocked { lock: self, grant };
-        f()
+        Leave::Locked { lock: self, grant }
     }
 
     /// Called by the thread that set `owner` to `REVOKING`: waits until the
@@ -476,21 +483,24 @@ unsafe impl<B: Bias, R: Relax> RawLock for BiasedLock<B, R> {
         // A slot that is already inside a lock means a closure of ours is
         // running: this lock or another is taken the slow way (which waits
         // forever for this one, as a spin lock would).
-        if self.owner.load(Ordering::Relaxed) == id(slot)
+        let _leave = if self.owner.load(Ordering::Relaxed) == id(slot)
             && slot.inside.load(Ordering::Relaxed) == 0
         {
             slot.inside.store(self.addr(), Ordering::Release);
             self.light();
             if self.owner.load(Ordering::Relaxed) == id(slot) {
-                let _leave = LeaveOwned(&slot.inside);
                 // Counted inside the lock: a revoker waits until we leave.
                 let n = self.entries.load(Ordering::Relaxed);
                 self.entries.store(n.wrapping_add(1), Ordering::Relaxed);
-                return f();
+                Leave::Owned(&slot.inside)
+            } else {
+                slot.inside.store(0, Ordering::Release);
+                self.lock_slow(slot)
             }
-            slot.inside.store(0, Ordering::Release);
-        }
-        self.lock_slow(slot, f)
+        } else {
+            self.lock_slow(slot)
+        };
+        f()
     }
 }
 
