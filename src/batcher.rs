@@ -69,6 +69,21 @@ pub type ShardedBatcher<
 pub type CsBatcher<T, const BATCH: usize, const BUFFERS: usize> =
     Batcher<T, BATCH, BUFFERS, crate::CsLock, crate::relax::Loop>;
 
+/// A shard's length while a loop fills its buffer; stored back on drop,
+/// also if the loop's `next` or `make` panics, so that it covers every item
+/// written.
+struct Filled<'a> {
+    len: &'a mut usize,
+    now: usize,
+}
+
+impl Drop for Filled<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        *self.len = self.now;
+    }
+}
+
 /// Counts items written into a shard; adds them to its counter on drop.
 struct Written<'a> {
     added: &'a AtomicUsize,
@@ -606,7 +621,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                 added: &shard.added,
                 items: 0,
             };
-            'items: while let Some(mut pending) = next() {
+            while let Some(mut pending) = next() {
                 if st.current == NONE {
                     if !self.open_for(st) {
                         done.items = written.items;
@@ -614,37 +629,48 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                     }
                     done.opened = true;
                 }
-                // Fill the open buffer without looking for a buffer again.
-                let base = st.current * batch;
-                loop {
-                    debug_assert!(st.len < batch && base + st.len < slots.len());
-                    self.track_slots(base + st.len, 1, true);
-                    // SAFETY: `current < buffers` and `len < batch`, so the
-                    // index is in bounds.
-                    let slot = unsafe { slots.get_unchecked(base + st.len) };
-                    // A panicking `make` (a clone) leaves the slot empty and
-                    // uncounted; if it was a new buffer's first item, the
-                    // shard keeps that buffer open and empty, which every
-                    // path handles (they seal only when `len > 0`).
-                    let item = make(pending);
-                    // SAFETY: the slot belongs to this shard's open buffer
-                    // and lies past its filled part: only the holder of this
-                    // shard's lock touches it, and it holds no item to
-                    // overwrite.
-                    unsafe { slot.get().write(item) };
-                    self.prefetch_after(st.current, st.len);
-                    st.len += 1;
-                    written.items += 1;
-                    if st.len == batch {
-                        self.seal(st, Reason::Full);
-                        done.sealed = true;
-                        continue 'items;
+                // Fill the open buffer without looking for a buffer again,
+                // its length in a register.
+                let current = st.current;
+                let base = current * batch;
+                let full = {
+                    let mut len = Filled {
+                        now: st.len,
+                        len: &mut st.len,
+                    };
+                    loop {
+                        debug_assert!(len.now < batch && base + len.now < slots.len());
+                        self.track_slots(base + len.now, 1, true);
+                        // SAFETY: `current < buffers` and `len < batch`, so
+                        // the index is in bounds.
+                        let slot = unsafe { slots.get_unchecked(base + len.now) };
+                        // A panicking `make` (a clone) leaves the slot empty
+                        // and uncounted; if it was a new buffer's first item,
+                        // the shard keeps that buffer open and empty, which
+                        // every path handles (they seal only when `len > 0`).
+                        let item = make(pending);
+                        // SAFETY: the slot belongs to this shard's open
+                        // buffer and lies past its filled part: only the
+                        // holder of this shard's lock touches it, and it
+                        // holds no item to overwrite.
+                        unsafe { slot.get().write(item) };
+                        self.prefetch_after(current, len.now);
+                        len.now += 1;
+                        written.items += 1;
+                        if len.now == batch {
+                            break true;
+                        }
+                        match next() {
+                            Some(more) => pending = more,
+                            None => break false,
+                        }
                     }
-                    match next() {
-                        Some(more) => pending = more,
-                        None => break 'items,
-                    }
+                };
+                if !full {
+                    break;
                 }
+                self.seal(st, Reason::Full);
+                done.sealed = true;
             }
             done.items = written.items;
             (done, None)
@@ -870,6 +896,7 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Producer<'a, T, S, L, R> {
     ///
     /// `iter` runs with the shard lock held: keep it cheap, and never add to
     /// the same batcher from inside it (that would deadlock).
+    #[inline]
     pub fn try_extend<I: Iterator<Item = T>>(&self, iter: &mut I) -> (Added, Option<T>) {
         let (done, refused) = self
             .batcher
