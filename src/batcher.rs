@@ -69,33 +69,25 @@ pub type ShardedBatcher<
 pub type CsBatcher<T, const BATCH: usize, const BUFFERS: usize> =
     Batcher<T, BATCH, BUFFERS, crate::CsLock, crate::relax::Loop>;
 
-/// A shard's length while a loop fills its buffer; stored back on drop,
-/// also if the loop's `next` or `make` panics, so that it covers every item
-/// written.
-struct Filled<'a> {
+/// One fill of a shard's open buffer: the length stays in a register while
+/// a loop writes items, and is stored back, with the shard's count of added
+/// items, on drop, also if the loop's `next` or `make` panics, so that both
+/// cover every item written.
+struct Fill<'a> {
     len: &'a mut usize,
+    added: &'a AtomicUsize,
+    start: usize,
     now: usize,
 }
 
-impl Drop for Filled<'_> {
+impl Drop for Fill<'_> {
     #[inline(always)]
     fn drop(&mut self) {
         *self.len = self.now;
-    }
-}
-
-/// Counts items written into a shard; adds them to its counter on drop.
-struct Written<'a> {
-    added: &'a AtomicUsize,
-    items: usize,
-}
-
-impl Drop for Written<'_> {
-    #[inline(always)]
-    fn drop(&mut self) {
         // Only written under the shard lock: a plain store suffices.
-        let total = self.added.load(Ordering::Relaxed).wrapping_add(self.items);
-        self.added.store(total, Ordering::Relaxed);
+        let total = self.added.load(Ordering::Relaxed);
+        self.added
+            .store(total.wrapping_add(self.now - self.start), Ordering::Relaxed);
     }
 }
 
@@ -189,7 +181,7 @@ impl<T, const BATCH: usize, const BUFFERS: usize, L: RawLock, R, const SHARDS: u
         /// ```
         pub fn new() -> Self {
             Self {
-                hub: CachePadded(Hub::new(BUFFERS)),
+                hub: CachePadded::new(Hub::new(BUFFERS)),
                 storage: ArrayStorage::new(),
                 _marker: PhantomData,
             }
@@ -256,7 +248,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     /// [`HeapStorage`](crate::HeapStorage); inline storage uses `new`).
     pub fn with_storage(storage: S) -> Self {
         Self {
-            hub: CachePadded(Hub::new(storage.metas().len())),
+            hub: CachePadded::new(Hub::new(storage.metas().len())),
             storage,
             _marker: PhantomData,
         }
@@ -615,16 +607,9 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
         let slots = self.storage.slots();
         with_shard(shard, |st| {
             let mut done = Added::default();
-            // Adds the items written to the shard's counter when the closure
-            // ends, also if `next` panics.
-            let mut written = Written {
-                added: &shard.added,
-                items: 0,
-            };
             while let Some(mut pending) = next() {
                 if st.current == NONE {
                     if !self.open_for(st) {
-                        done.items = written.items;
                         return (done, Some(pending));
                     }
                     done.opened = true;
@@ -634,11 +619,13 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                 let current = st.current;
                 let base = current * batch;
                 let full = {
-                    let mut len = Filled {
+                    let mut len = Fill {
+                        start: st.len,
                         now: st.len,
                         len: &mut st.len,
+                        added: &shard.added,
                     };
-                    loop {
+                    let full = loop {
                         debug_assert!(len.now < batch && base + len.now < slots.len());
                         self.track_slots(base + len.now, 1, true);
                         // SAFETY: `current < buffers` and `len < batch`, so
@@ -656,7 +643,6 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                         unsafe { slot.get().write(item) };
                         self.prefetch_after(current, len.now);
                         len.now += 1;
-                        written.items += 1;
                         if len.now == batch {
                             break true;
                         }
@@ -664,7 +650,9 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                             Some(more) => pending = more,
                             None => break false,
                         }
-                    }
+                    };
+                    done.items += len.now - len.start;
+                    full
                 };
                 if !full {
                     break;
@@ -672,7 +660,6 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                 self.seal(st, Reason::Full);
                 done.sealed = true;
             }
-            done.items = written.items;
             (done, None)
         })
     }

@@ -119,6 +119,7 @@ pub use error::{Closed, Full};
 #[cfg(feature = "critical-section")]
 pub use lock::CsLock;
 pub use lock::{Bias, BiasSlot, BiasedLock, RawLock, SpinLock};
+pub use pad::CachePadded;
 pub use stats::Stats;
 pub use storage::{ArrayStorage, Storage};
 #[cfg(feature = "alloc")]

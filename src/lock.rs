@@ -136,7 +136,7 @@ impl BiasSlot {
         /// Returns a slot that is inside no lock.
         pub fn new() -> Self {
             Self {
-                inside: CachePadded(AtomicUsize::new(0)),
+                inside: CachePadded::new(AtomicUsize::new(0)),
             }
         }
     }

@@ -87,7 +87,7 @@ pub type Shard<L> = CachePadded<ShardInner<L>>;
 
 maybe_const_fn! {
     pub(crate) fn new_shard<L: RawLock>() -> Shard<L> {
-        CachePadded(ShardInner {
+        CachePadded::new(ShardInner {
             #[cfg(not(snail_loom))]
             lock: L::INIT,
             #[cfg(snail_loom)]

@@ -10,7 +10,7 @@ use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use snail::relax::Yield;
-use snail::{Added, BiasedLock, Full, HeapStorage, RawBatcher, SizeError};
+use snail::{Added, BiasedLock, CachePadded, Full, HeapStorage, RawBatcher, SizeError};
 
 use crate::bias::ThreadBias;
 use crate::route;
@@ -118,7 +118,7 @@ pub(crate) struct Shared<T> {
     /// Set after `core.close()` returned: every accepted item is sealed.
     pub(crate) closing: AtomicBool,
     /// Counters of the blocked path, on a line of their own.
-    waiting: Waiting,
+    waiting: CachePadded<Waiting>,
     wait_lock: Mutex<()>,
     wait_cv: Condvar,
     /// The handler, locked by whoever runs it on a batch.
@@ -133,13 +133,8 @@ pub(crate) struct Shared<T> {
 }
 
 /// What blocked producers and the worker count. Written only on the blocked
-/// path and once per freed buffer, so kept off the line that every `add`
-/// reads.
-#[cfg_attr(any(target_arch = "x86_64", target_arch = "aarch64"), repr(align(128)))]
-#[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64")),
-    repr(align(64))
-)]
+/// path and once per freed buffer, so kept (in a [`CachePadded`]) off the
+/// line that every `add` reads.
 struct Waiting {
     /// Producers in the blocked path of `add` (spinning, yielding or asleep).
     blocked: AtomicUsize,
@@ -333,11 +328,11 @@ impl<T: Send + 'static> Builder<T> {
             worker_idle: AtomicBool::new(false),
             worker: OnceLock::new(),
             closing: AtomicBool::new(false),
-            waiting: Waiting {
+            waiting: CachePadded::new(Waiting {
                 blocked: AtomicUsize::new(0),
                 sleeping: AtomicUsize::new(0),
                 freed: AtomicUsize::new(0),
-            },
+            }),
             wait_lock: Mutex::new(()),
             wait_cv: Condvar::new(),
             consumer: Mutex::new(Consumer::new(handler, self.on_error)),
