@@ -533,11 +533,13 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
         self.storage.batch() * core::mem::size_of::<T>()
     }
 
-    /// After writing slot `len` of buffer `b`: prefetch a line ahead.
+    /// As slot `index` of buffer `b` is written: if that slot starts a
+    /// cache line, prefetches the line [`AHEAD`](crate::prefetch::AHEAD)
+    /// lines on.
     #[inline(always)]
-    fn prefetch_after(&self, b: usize, len: usize) {
+    fn prefetch_ahead(&self, b: usize, index: usize) {
         let size = core::mem::size_of::<T>();
-        crate::prefetch::after_write(self.buffer_base(b), len * size, size, self.buffer_bytes());
+        crate::prefetch::ahead_of(self.buffer_base(b), index * size, size, self.buffer_bytes());
     }
 
     /// Moves a shard's current buffer to the tail of the sealed queue.
@@ -625,24 +627,41 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                         len: &mut st.len,
                         added: &shard.added,
                     };
-                    let full = loop {
-                        debug_assert!(len.now < batch && base + len.now < slots.len());
-                        self.track_slots(base + len.now, 1, true);
-                        // SAFETY: `current < buffers` and `len < batch`, so
-                        // the index is in bounds.
-                        let slot = unsafe { slots.get_unchecked(base + len.now) };
-                        // A panicking `make` (a clone) leaves the slot empty
-                        // and uncounted; if it was a new buffer's first item,
-                        // the shard keeps that buffer open and empty, which
-                        // every path handles (they seal only when `len > 0`).
-                        let item = make(pending);
-                        // SAFETY: the slot belongs to this shard's open
-                        // buffer and lies past its filled part: only the
-                        // holder of this shard's lock touches it, and it
-                        // holds no item to overwrite.
-                        unsafe { slot.get().write(item) };
-                        self.prefetch_after(current, len.now);
-                        len.now += 1;
+                    // By runs up to the next item that starts a cache line:
+                    // the prefetch is asked for once per line, and the loop
+                    // inside has no line test.
+                    let full = 'fill: loop {
+                        self.prefetch_ahead(current, len.now);
+                        let stop = batch.min(crate::prefetch::next_line_item(
+                            len.now,
+                            core::mem::size_of::<T>(),
+                        ));
+                        loop {
+                            debug_assert!(len.now < batch && base + len.now < slots.len());
+                            self.track_slots(base + len.now, 1, true);
+                            // SAFETY: `current < buffers` and `len < batch`,
+                            // so the index is in bounds.
+                            let slot = unsafe { slots.get_unchecked(base + len.now) };
+                            // A panicking `make` (a clone) leaves the slot
+                            // empty and uncounted; if it was a new buffer's
+                            // first item, the shard keeps that buffer open
+                            // and empty, which every path handles (they seal
+                            // only when `len > 0`).
+                            let item = make(pending);
+                            // SAFETY: the slot belongs to this shard's open
+                            // buffer and lies past its filled part: only the
+                            // holder of this shard's lock touches it, and it
+                            // holds no item to overwrite.
+                            unsafe { slot.get().write(item) };
+                            len.now += 1;
+                            if len.now == stop {
+                                break;
+                            }
+                            match next() {
+                                Some(more) => pending = more,
+                                None => break 'fill false,
+                            }
+                        }
                         if len.now == batch {
                             break true;
                         }
@@ -689,7 +708,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
             // past its filled part: only the holder of this shard's lock
             // touches it, and it holds no item to overwrite.
             unsafe { slots.get_unchecked(index).get().write(item) };
-            self.prefetch_after(st.current, st.len);
+            self.prefetch_ahead(st.current, st.len);
             st.len += 1;
             // Only written under the shard lock: a plain store suffices.
             let added = shard.added.load(Ordering::Relaxed).wrapping_add(1);

@@ -619,5 +619,18 @@ mod heap {
             let storage = HeapStorage::<Tracked, SpinLock>::new(batch, buffers, shards).unwrap();
             run(RawBatcher::with_storage(storage), &ops)?;
         }
+
+        /// Batches that span cache lines (16 `Tracked` per 64 bytes): a fill
+        /// of several items goes in runs that stop at each line's first
+        /// item, where the prefetch is asked for (x86_64 and aarch64).
+        #[test]
+        fn model_batches_across_cache_lines(
+            batch in 15..=40usize,
+            buffers in 1..=3usize,
+            ops in ops(),
+        ) {
+            let storage = HeapStorage::<Tracked, SpinLock>::new(batch, buffers, 1).unwrap();
+            run(RawBatcher::with_storage(storage), &ops)?;
+        }
     }
 }
