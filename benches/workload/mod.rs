@@ -33,8 +33,8 @@ const LOST: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Impl {
     /// `snail_std::Batcher::add`, one call per item, default settings: a
-    /// blocked producer runs the handler itself while more producers are
-    /// blocked than there are CPUs (`Help::WhenOversubscribed`).
+    /// blocked producer runs the handler itself while at least as many
+    /// producers are blocked as there are CPUs (`Help::WhenOversubscribed`).
     SnailStdAdd,
     /// `add` with `Help::Always`: any blocked producer runs the handler on a
     /// sealed batch itself.

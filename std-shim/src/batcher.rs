@@ -86,10 +86,10 @@ pub struct Stats {
 pub enum Help {
     /// Never: the handler runs on the worker thread only.
     Never,
-    /// While more producers are blocked than there are CPUs
-    /// ([`std::thread::available_parallelism`]), that is, while the worker
-    /// cannot count on a CPU of its own. With no more producers than CPUs
-    /// this is [`Never`](Self::Never).
+    /// While at least as many producers are blocked as there are CPUs
+    /// ([`std::thread::available_parallelism`]): the producers alone can
+    /// then occupy every CPU, and the worker cannot count on one. With
+    /// fewer producers than CPUs this is [`Never`](Self::Never).
     #[default]
     WhenOversubscribed,
     /// Whenever a producer is blocked (and no other thread is running the
@@ -123,9 +123,10 @@ pub(crate) struct Shared<T> {
     wait_cv: Condvar,
     /// The handler, locked by whoever runs it on a batch.
     pub(crate) consumer: Mutex<Consumer<T>>,
-    /// A producer blocked for a buffer handles a batch itself while more
-    /// than this many producers are blocked ([`Builder::help_when_blocked`]).
-    help_above: usize,
+    /// A producer blocked for a buffer handles a batch itself while at
+    /// least this many producers are blocked
+    /// ([`Builder::help_when_blocked`]).
+    help_from: usize,
     pub(crate) delivered_items: AtomicU64,
     pub(crate) delivered_batches: AtomicU64,
     pub(crate) handler_errors: AtomicU64,
@@ -336,10 +337,10 @@ impl<T: Send + 'static> Builder<T> {
             wait_lock: Mutex::new(()),
             wait_cv: Condvar::new(),
             consumer: Mutex::new(Consumer::new(handler, self.on_error)),
-            help_above: match self.help {
+            help_from: match self.help {
                 Help::Never => usize::MAX,
                 Help::WhenOversubscribed => cpus,
-                Help::Always => 0,
+                Help::Always => 1,
             },
             delivered_items: AtomicU64::new(0),
             delivered_batches: AtomicU64::new(0),
@@ -453,8 +454,8 @@ impl<T> Batcher<T> {
     /// Adds `item`, blocking while every buffer is in use: it spins
     /// briefly, yields, then sleeps until the worker frees a buffer. While
     /// it yields it may run the handler on the oldest sealed batch itself:
-    /// by default only while more producers are blocked than there are CPUs
-    /// (see [`Builder::help_when_blocked`]).
+    /// by default only while at least as many producers are blocked as
+    /// there are CPUs (see [`Builder::help_when_blocked`]).
     ///
     /// # Errors
     ///
@@ -548,7 +549,7 @@ impl<T> Batcher<T> {
                 // Retry at once after handling a batch: that freed a buffer.
                 // Not with a deadline: a handler call could outlast it.
                 if deadline.is_none()
-                    && waiting.blocked.load(Relaxed) > shared.help_above
+                    && waiting.blocked.load(Relaxed) >= shared.help_from
                     && shared.core.has_sealed()
                     && crate::worker::help(shared)
                 {

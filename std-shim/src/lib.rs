@@ -4,10 +4,10 @@
 //! Producers on any number of threads [`add`](Batcher::add) single items; a
 //! worker thread receives them as batches and runs your handler once per
 //! batch: one `write` + `fsync`, one packet or one transaction per batch
-//! instead of per item. While more producers are blocked for a buffer than
-//! there are CPUs, a blocked producer runs the handler itself (still one
-//! batch at a time, in order) instead of waiting for the worker to get a CPU;
-//! [`help_when_blocked`](Builder::help_when_blocked) changes when.
+//! instead of per item. While at least as many producers are blocked for a
+//! buffer as there are CPUs, a blocked producer runs the handler itself
+//! (still one batch at a time, in order) instead of waiting for the worker to
+//! get a CPU; [`help_when_blocked`](Builder::help_when_blocked) changes when.
 //!
 //! ```
 //! use std::io::Write;
