@@ -278,8 +278,10 @@ impl<T: Send + 'static> Builder<T> {
         self
     }
 
-    /// Called on the worker thread with each error the handler returns (the
-    /// error is also counted in [`Report::handler_errors`]).
+    /// Called with each error the handler returns, on the thread that ran
+    /// the handler (the worker, or a helping producer: see
+    /// [`help_when_blocked`](Self::help_when_blocked)); the error is also
+    /// counted in [`Report::handler_errors`].
     pub fn on_error(mut self, hook: impl FnMut(&dyn fmt::Display) + Send + 'static) -> Self {
         self.on_error = Some(Box::new(hook));
         self
@@ -287,6 +289,15 @@ impl<T: Send + 'static> Builder<T> {
 
     /// Allocates the buffers and starts the worker thread, which calls
     /// `handler` once per batch, in order.
+    ///
+    /// Batches reach the handler one at a time: on the worker thread, or on
+    /// a producer that is blocked for a buffer (see
+    /// [`help_when_blocked`](Self::help_when_blocked)). The handler must not
+    /// wait on its own batcher: only the handler frees buffers, so an
+    /// [`add`](Batcher::add) from inside it waits forever once every buffer
+    /// is in use (use [`try_add`](Batcher::try_add), which hands the item
+    /// back), and [`close`](Batcher::close) or dropping the batcher waits
+    /// for the handler to return.
     ///
     /// # Errors
     ///
