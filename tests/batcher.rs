@@ -65,6 +65,14 @@ fn reset() {
     POISON_DROP.with(|c| c.set(None));
 }
 
+/// Runs `f` with the clone of item `id` panicking; `true` if `f` panicked.
+fn panics_cloning(id: u32, f: impl FnOnce()) -> bool {
+    POISON_CLONE.with(|p| p.set(Some(id)));
+    let panicked = catch_unwind(AssertUnwindSafe(f)).is_err();
+    POISON_CLONE.with(|p| p.set(None));
+    panicked
+}
+
 fn created() -> usize {
     CREATED.with(Cell::get)
 }
@@ -1201,10 +1209,9 @@ fn a_panicking_clone_in_try_add_many_leaves_the_batcher_consistent() {
     reset();
     let b: Batcher<Tracked, 2, 4> = Batcher::new();
     let items = tracked(0..6);
-    POISON_CLONE.with(|p| p.set(Some(3)));
-    let result = catch_unwind(AssertUnwindSafe(|| b.try_add_many(&items)));
-    assert!(result.is_err(), "the clone of 3 panicked");
-    POISON_CLONE.with(|p| p.set(None));
+    assert!(panics_cloning(3, || {
+        b.try_add_many(&items);
+    }));
     // 0, 1 (sealed) and 2 (partial) were accepted before the panic.
     assert_eq!(b.len(), 3);
     assert_eq!(b.stats().added, 3);
@@ -1225,10 +1232,9 @@ fn a_panicking_clone_of_a_new_buffers_first_item_leaves_it_open_and_empty() {
     let b: Batcher<Tracked, 2, 3> = Batcher::new();
     let items = tracked(0..4);
     // 0 and 1 fill a batch; 2 opens the next buffer, and its clone panics.
-    POISON_CLONE.with(|p| p.set(Some(2)));
-    let result = catch_unwind(AssertUnwindSafe(|| b.try_add_many(&items)));
-    assert!(result.is_err(), "the clone of 2 panicked");
-    POISON_CLONE.with(|p| p.set(None));
+    assert!(panics_cloning(2, || {
+        b.try_add_many(&items);
+    }));
     assert_eq!(b.len(), 2);
     assert_eq!(b.stats().added, 2);
     assert!(!b.flush(), "an open empty buffer is no partial batch");
@@ -1421,9 +1427,9 @@ mod critical_section_lock {
         assert_eq!(take_all(&Q), vec![vec![1, 2, 3, 4], vec![5]]);
         let b: CsBatcher<Tracked, 2, 2> = CsBatcher::new();
         let items = tracked(0..3);
-        POISON_CLONE.with(|p| p.set(Some(1)));
-        assert!(catch_unwind(AssertUnwindSafe(|| b.try_add_many(&items))).is_err());
-        POISON_CLONE.with(|p| p.set(None));
+        assert!(panics_cloning(1, || {
+            b.try_add_many(&items);
+        }));
         // The critical section was left on unwind: this would deadlock otherwise.
         b.try_add(Tracked::new(7)).unwrap();
         b.close();
