@@ -245,9 +245,11 @@ impl<T: Send + 'static> Builder<T> {
 
     /// Producer shards, each with its own lock and buffer being filled. On
     /// Linux a thread adds through the shard of the CPU it runs on, so that
-    /// producers running at the same moment do not share a lock; before it
-    /// moves to another shard it seals the partial batch of the one it
-    /// leaves, so its order holds. Elsewhere each thread keeps one shard. Each shard has a
+    /// producers running at the same moment do not share a lock. A thread
+    /// moves only after one of its adds sealed a batch, when none of its
+    /// items is left unsealed on the shard it leaves (after an `add_many`
+    /// that went on into a new batch, it seals that one first), so its
+    /// order holds. Elsewhere each thread keeps one shard. Each shard has a
     /// buffer of its own (see [`queue_size`](Self::queue_size)). Default:
     /// the number of CPUs, at most 64. Values above 1024 are lowered to
     /// 1024; the count is then rounded down to a power of two.
