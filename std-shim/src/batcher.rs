@@ -122,7 +122,7 @@ pub(crate) struct Shared<T> {
     wait_lock: Mutex<()>,
     wait_cv: Condvar,
     /// The handler, locked by whoever runs it on a batch.
-    pub(crate) consumer: Mutex<Consumer<T>>,
+    consumer: Mutex<Consumer<T>>,
     /// A producer blocked for a buffer handles a batch itself while at
     /// least this many producers are blocked
     /// ([`Builder::help_when_blocked`]).
@@ -177,6 +177,15 @@ impl<T> Shared<T> {
     /// inside).
     pub(crate) fn lock_consumer(&self) -> std::sync::MutexGuard<'_, Consumer<T>> {
         self.consumer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`lock_consumer`](Self::lock_consumer) if no other thread holds it.
+    pub(crate) fn try_lock_consumer(&self) -> Option<std::sync::MutexGuard<'_, Consumer<T>>> {
+        match self.consumer.try_lock() {
+            Ok(consumer) => Some(consumer),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     /// Tells sleeping producers that a buffer was freed (or the batcher

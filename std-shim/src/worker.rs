@@ -21,7 +21,7 @@ const POLL_BEFORE_PARK: Duration = Duration::from_micros(50);
 
 /// The handler with what it delivered: the worker runs it, and so may a
 /// producer blocked for a buffer (see [`help`]), one batch at a time under
-/// [`Shared::consumer`]'s lock.
+/// the lock of [`Shared::lock_consumer`].
 pub(crate) struct Consumer<T> {
     /// `None` once the worker has finished: the handler is dropped then, on
     /// the worker thread, as `close` returns.
@@ -114,10 +114,8 @@ impl<T> Consumer<T> {
 /// that a buffer is freed without waiting for the worker to get a CPU.
 /// Returns `true` if it handled one.
 pub(crate) fn help<T>(shared: &Shared<T>) -> bool {
-    let mut consumer = match shared.consumer.try_lock() {
-        Ok(consumer) => consumer,
-        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-        Err(std::sync::TryLockError::WouldBlock) => return false,
+    let Some(mut consumer) = shared.try_lock_consumer() else {
+        return false;
     };
     let handled = consumer.handle_next(shared);
     if consumer.failed.is_some() {
