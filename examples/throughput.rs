@@ -132,11 +132,11 @@ fn main() -> ExitCode {
     );
     println!("- machine: {}", machine());
     println!(
-        "- snail-std shard locks: biased, revoked with {}",
+        "- snail-std shard locks: {}",
         if snail_std::bias::expedited_after_probe() {
-            "membarrier (owner enters with a compiler fence)"
+            "biased, revoked with membarrier (owner enters with a compiler fence)"
         } else {
-            "SeqCst fences (membarrier unavailable: no faster than a spin lock)"
+            "never biased (membarrier unavailable): spin locks"
         }
     );
     let probe = snail_std::Batcher::<u64>::builder()

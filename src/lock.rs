@@ -168,9 +168,20 @@ impl Default for BiasSlot {
 /// - A `light()` in one thread and a `heavy()` in another order memory like two
 ///   `fence(SeqCst)`: when each thread stores, then fences, then loads what
 ///   the other stored, at least one of the loads sees the other's store.
+///   The lock calls `light()` only on a thread that it made an owner, which
+///   it does only after [`grant`](Self::grant) returned `true` on that
+///   thread: the pair needs to hold from then on.
 pub unsafe trait Bias {
     /// The calling thread's slot.
     fn slot() -> &'static BiasSlot;
+    /// Whether the calling thread may become an owner now (default: always).
+    /// A bias whose light fence is cheap only once something is set up (a
+    /// `membarrier` registration) returns `false` until then, and its
+    /// `light` may then rely on it: locks stay unbiased meanwhile.
+    #[inline(always)]
+    fn grant() -> bool {
+        true
+    }
     /// The owner's fence, run on every uncontended entry.
     fn light();
     /// The revoker's fence, run when ownership is taken away.
@@ -413,7 +424,7 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
         };
         self.last.store(me, Ordering::Relaxed);
         let threshold = self.threshold.load(Ordering::Relaxed);
-        let grant = (streak >= threshold).then_some(slot);
+        let grant = (streak >= threshold && B::grant()).then_some(slot);
         self.streak
             .store(if grant.is_some() { 0 } else { streak }, Ordering::Relaxed);
         Leave::Locked { lock: self, grant }

@@ -1608,6 +1608,46 @@ mod biased {
         assert_eq!(total, 64 + 5000 + 65 + 65 + 129);
     }
 
+    /// A bias that is not ready (`grant` returns `false`, as the std shim's
+    /// does without `membarrier`) leaves the lock unbiased however long one
+    /// thread keeps it alone; once it is ready, the next lone entry gets the
+    /// bias (the streak of lone entries went on counting). Its light fence
+    /// panics while it is not ready, so an owner's entry without a grant
+    /// fails the test.
+    #[test]
+    fn no_bias_until_the_bias_grants_it() {
+        static READY: AtomicBool = AtomicBool::new(false);
+        struct Later;
+        // SAFETY: as `StdBias` (its slots, `SeqCst` fences); `light` is
+        // never reached before `READY`, which only grows.
+        unsafe impl Bias for Later {
+            fn slot() -> &'static BiasSlot {
+                StdBias::slot()
+            }
+            fn grant() -> bool {
+                READY.load(Ordering::SeqCst)
+            }
+            fn light() {
+                assert!(READY.load(Ordering::SeqCst), "an entry without a grant");
+                std::sync::atomic::fence(Ordering::SeqCst);
+            }
+            fn heavy() {
+                std::sync::atomic::fence(Ordering::SeqCst);
+            }
+        }
+        let lock: BiasedLock<Later> = BiasedLock::new();
+        let mut count = 0;
+        for _ in 0..1000 {
+            lock.lock(|| count += 1);
+        }
+        assert!(!lock.is_biased(), "biased without a grant");
+        READY.store(true, Ordering::SeqCst);
+        lock.lock(|| count += 1);
+        assert!(lock.is_biased(), "the first lone entry once granted");
+        lock.lock(|| count += 1);
+        assert_eq!(count, 1002);
+    }
+
     /// A closure that panics inside the owner's path leaves the lock usable.
     #[test]
     fn panic_inside_the_owned_lock_releases_it() {

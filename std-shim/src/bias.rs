@@ -6,8 +6,9 @@
 //! compiler fence, and a thread that wants the shard back (the worker, for
 //! linger or close) pays one `membarrier` system call, which makes every
 //! running thread of the process execute a full memory barrier. Where the
-//! call is missing (not Linux, old kernels, seccomp filters) both halves are
-//! `fence(SeqCst)`: correct, and as fast as a plain spin lock.
+//! call is missing (not Linux, old kernels, seccomp filters) no shard lock
+//! is ever biased: they work as plain spin locks (a biased entry with a full
+//! fence would cost what a compare-exchange costs).
 
 use std::cell::Cell;
 use std::sync::atomic::{compiler_fence, fence, AtomicU8, AtomicUsize, Ordering::*};
@@ -15,11 +16,11 @@ use std::sync::Mutex;
 
 use snail::{Bias, BiasSlot};
 
-/// `membarrier` not probed yet: fence fully on both sides.
+/// `membarrier` not probed yet: grant no bias.
 const UNKNOWN: u8 = 0;
 /// Registered for `MEMBARRIER_CMD_PRIVATE_EXPEDITED`.
 const EXPEDITED: u8 = 1;
-/// Not available: fence fully on both sides.
+/// Not available: grant no bias.
 const FENCES: u8 = 2;
 
 static MEMBARRIER: AtomicU8 = AtomicU8::new(UNKNOWN);
@@ -36,8 +37,8 @@ pub(crate) fn init() {
 }
 
 /// Probes `membarrier` if that was not done yet, and returns `true` if
-/// [`ThreadBias`]'s light fence is only a compiler fence in this process
-/// (`false`: both fences are `fence(SeqCst)`).
+/// shard locks can be biased in this process, with a compiler fence as
+/// [`ThreadBias`]'s light fence (`false`: they are never biased).
 pub fn expedited_after_probe() -> bool {
     init();
     MEMBARRIER.load(Acquire) == EXPEDITED
@@ -108,27 +109,30 @@ pub struct ThreadBias;
 // thread-locals are destroyed; the pool's mutex orders the hand-over to a
 // later thread. A thread whose slot is already gone (a lock taken by
 // another thread-local's destructor) gets a new slot on every call, which
-// nobody else ever uses. The fences: with `membarrier` registered, the
-// heavy fence makes every other running thread of the process execute a
-// full barrier before it returns (and a thread that is not running was
-// switched out, which is a full barrier), so a compiler fence on the light
-// side pairs with it like two SeqCst fences. Otherwise both are SeqCst
-// fences. The state moves from `UNKNOWN` to one final value (probing gives
-// the same answer every time); a light fence that reads `UNKNOWN` is a full
-// fence, and a heavy fence probes first, so it never reads `UNKNOWN`.
+// nobody else ever uses. The fences: a lock runs `light` only on a thread
+// whose `grant` read `EXPEDITED`, which is final (the state moves from
+// `UNKNOWN` to one value, and probing gives the same answer every time):
+// the process is registered, and a heavy fence, which probes first if it
+// reads `UNKNOWN`, issues the system call. That makes every other running
+// thread of the process execute a full barrier before it returns (and a
+// thread that is not running was switched out, which is a full barrier),
+// so a compiler fence on the light side pairs with it like two SeqCst
+// fences. Without `membarrier` no lock is biased, so `light` never runs,
+// and `heavy` runs only for locks biased under another `Bias`: never.
 unsafe impl Bias for ThreadBias {
     #[inline(always)]
     fn slot() -> &'static BiasSlot {
         SLOT.try_with(|s| s.0).unwrap_or_else(|_| new_slot())
     }
 
+    #[inline]
+    fn grant() -> bool {
+        MEMBARRIER.load(Acquire) == EXPEDITED
+    }
+
     #[inline(always)]
     fn light() {
-        if MEMBARRIER.load(Relaxed) == EXPEDITED {
-            compiler_fence(SeqCst);
-        } else {
-            fence(SeqCst);
-        }
+        compiler_fence(SeqCst);
     }
 
     #[cold]
