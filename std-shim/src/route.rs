@@ -51,13 +51,15 @@ fn id<T>(shared: &Shared<T>) -> usize {
 /// The shard for this thread's next add to `shared`.
 #[inline]
 pub(crate) fn pick<T>(shared: &Shared<T>) -> usize {
+    // The routed batcher first: a batcher with one shard is never routed
+    // (`take` is not called for it), so this needs no look at the mask.
+    if BATCHER.get() == id(shared) {
+        return SHARD.get();
+    }
     if shared.mask == 0 {
         return 0;
     }
-    if BATCHER.get() != id(shared) {
-        return take(shared);
-    }
-    SHARD.get()
+    take(shared)
 }
 
 /// After an add of this thread to `shared` sealed a batch: moves the route
