@@ -69,12 +69,12 @@ pub type ShardedBatcher<
 pub type CsBatcher<T, const BATCH: usize, const BUFFERS: usize> =
     Batcher<T, BATCH, BUFFERS, crate::CsLock, crate::relax::Loop>;
 
-/// One fill of a shard's open buffer: the length stays in a register while
-/// a loop writes items, and is stored back, with the shard's count of added
-/// items, on drop, also if the loop's `next` or `make` panics, so that both
-/// cover every item written.
+/// One fill of a shard's open buffer: the write position stays in a
+/// register while a loop writes items, and is stored back, with the shard's
+/// count of added items, on drop, also if the loop's `next` or `make`
+/// panics, so that both cover every item written.
 struct Fill<'a> {
-    len: &'a mut usize,
+    next: &'a mut usize,
     added: &'a AtomicUsize,
     start: usize,
     now: usize,
@@ -83,7 +83,7 @@ struct Fill<'a> {
 impl Drop for Fill<'_> {
     #[inline(always)]
     fn drop(&mut self) {
-        *self.len = self.now;
+        *self.next = self.now;
         // Only written under the shard lock: a plain store suffices.
         let total = self.added.load(Ordering::Relaxed);
         self.added
@@ -349,9 +349,10 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     /// for its batch to be sealed. Returns `true` if it sealed one.
     pub fn tick(&self) -> bool {
         let mut sealed = false;
+        let batch = self.storage.batch();
         for shard in self.storage.shards() {
             sealed |= with_shard(shard, |st| {
-                if st.len == 0 {
+                if st.len(batch) == 0 {
                     false
                 } else if st.ticked {
                     self.seal(st, Reason::Tick);
@@ -433,7 +434,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
             .storage
             .shards()
             .iter()
-            .map(|s| with_shard(s, |st| st.len))
+            .map(|s| with_shard(s, |st| st.len(self.storage.batch())))
             .sum();
         (sealed + partial).min(self.capacity())
     }
@@ -508,10 +509,13 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     /// (or the batcher is closed). Called with the shard lock held.
     #[inline(always)]
     fn open_for(&self, st: &mut ShardState) -> bool {
-        debug_assert!(st.current == NONE);
+        debug_assert!(st.current == NONE && !st.has_room());
         match self.open() {
             Some(b) => {
+                let batch = self.storage.batch();
                 st.current = b;
+                st.next = b * batch;
+                st.end = st.next + batch;
                 st.ticked = false;
                 crate::prefetch::opening(self.buffer_base(b), self.buffer_bytes());
                 true
@@ -533,20 +537,22 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
         self.storage.batch() * core::mem::size_of::<T>()
     }
 
-    /// As slot `index` of buffer `b` is written: if that slot starts a
-    /// cache line, prefetches the line [`AHEAD`](crate::prefetch::AHEAD)
-    /// lines on.
+    /// As slot `index` (among all slots) is written into a buffer that ends
+    /// before slot `end`: if that slot starts a cache line, prefetches the
+    /// line [`AHEAD`](crate::prefetch::AHEAD) lines on, if it is still in
+    /// the buffer.
     #[inline(always)]
-    fn prefetch_ahead(&self, b: usize, index: usize) {
+    fn prefetch_ahead(&self, index: usize, end: usize) {
         let size = core::mem::size_of::<T>();
-        crate::prefetch::ahead_of(self.buffer_base(b), index * size, size, self.buffer_bytes());
+        let slots = self.storage.slots().as_ptr().cast();
+        crate::prefetch::ahead_of(slots, index * size, size, end * size);
     }
 
     /// Moves a shard's current buffer to the tail of the sealed queue.
-    /// Called with the shard lock held, and `st.len > 0`.
+    /// Called with the shard lock held, and items in that buffer.
     fn seal(&self, st: &mut ShardState, reason: Reason) {
-        debug_assert!(st.len > 0 && st.current != NONE);
-        let (b, len) = (st.current, st.len);
+        let (b, len) = (st.current, st.len(self.storage.batch()));
+        debug_assert!(len > 0 && b != NONE);
         let metas = self.storage.metas();
         self.hub.with_queue(|q| {
             // SAFETY: the queue lock is held; `b` is this
@@ -572,9 +578,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
             };
             *counter = counter.wrapping_add(1);
         });
-        st.current = NONE;
-        st.len = 0;
-        st.ticked = false;
+        *st = ShardState::new();
     }
 
     /// Returns a taken buffer to the free list.
@@ -605,56 +609,54 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
         mut next: impl FnMut() -> Option<P>,
         make: impl Fn(P) -> T,
     ) -> (Added, Option<P>) {
-        let batch = self.storage.batch();
         let slots = self.storage.slots();
         with_shard(shard, |st| {
             let mut done = Added::default();
             while let Some(mut pending) = next() {
-                if st.current == NONE {
+                if !st.has_room() {
                     if !self.open_for(st) {
                         return (done, Some(pending));
                     }
                     done.opened = true;
                 }
                 // Fill the open buffer without looking for a buffer again,
-                // its length in a register.
-                let current = st.current;
-                let base = current * batch;
+                // its write position in a register.
+                let end = st.end;
                 let full = {
-                    let mut len = Fill {
-                        start: st.len,
-                        now: st.len,
-                        len: &mut st.len,
+                    let mut pos = Fill {
+                        start: st.next,
+                        now: st.next,
+                        next: &mut st.next,
                         added: &shard.added,
                     };
                     // By runs up to the next item that starts a cache line:
                     // the prefetch is asked for once per line, and the loop
                     // inside has no line test.
                     let full = 'fill: loop {
-                        self.prefetch_ahead(current, len.now);
-                        let stop = batch.min(crate::prefetch::next_line_item(
-                            len.now,
+                        self.prefetch_ahead(pos.now, end);
+                        let stop = end.min(crate::prefetch::next_line_item(
+                            pos.now,
                             core::mem::size_of::<T>(),
                         ));
                         loop {
-                            debug_assert!(len.now < batch && base + len.now < slots.len());
-                            self.track_slots(base + len.now, 1, true);
-                            // SAFETY: `current < buffers` and `len < batch`,
-                            // so the index is in bounds.
-                            let slot = unsafe { slots.get_unchecked(base + len.now) };
+                            debug_assert!(pos.now < end && end <= slots.len());
+                            self.track_slots(pos.now, 1, true);
+                            // SAFETY: the open buffer's slots lie below
+                            // `end <= slots.len()`.
+                            let slot = unsafe { slots.get_unchecked(pos.now) };
                             // A panicking `make` (a clone) leaves the slot
                             // empty and uncounted; if it was a new buffer's
                             // first item, the shard keeps that buffer open
                             // and empty, which every path handles (they seal
-                            // only when `len > 0`).
+                            // only a buffer with items).
                             let item = make(pending);
                             // SAFETY: the slot belongs to this shard's open
                             // buffer and lies past its filled part: only the
                             // holder of this shard's lock touches it, and it
                             // holds no item to overwrite.
                             unsafe { slot.get().write(item) };
-                            len.now += 1;
-                            if len.now == stop {
+                            pos.now += 1;
+                            if pos.now == stop {
                                 break;
                             }
                             match next() {
@@ -662,7 +664,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                                 None => break 'fill false,
                             }
                         }
-                        if len.now == batch {
+                        if pos.now == end {
                             break true;
                         }
                         match next() {
@@ -670,7 +672,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                             None => break false,
                         }
                     };
-                    done.items += len.now - len.start;
+                    done.items += pos.now - pos.start;
                     full
                 };
                 if !full {
@@ -687,33 +689,32 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     /// item, with the common case (room in the open buffer) first.
     #[inline(always)]
     fn push_one(&self, shard: &ShardInner<L>, item: T) -> Result<Added, T> {
-        let batch = self.storage.batch();
         let slots = self.storage.slots();
         with_shard(shard, |st| {
             let mut done = Added {
                 items: 1,
                 ..Added::default()
             };
-            if st.current == NONE {
+            if !st.has_room() {
                 if !self.open_for(st) {
                     return Err(item);
                 }
                 done.opened = true;
             }
-            let index = st.current * batch + st.len;
-            debug_assert!(st.len < batch && index < slots.len());
+            let index = st.next;
+            debug_assert!(index < st.end && st.end <= slots.len());
             self.track_slots(index, 1, true);
-            // SAFETY: `current < buffers` and `len < batch`, so the index is
-            // in bounds. The slot belongs to this shard's open buffer and lies
-            // past its filled part: only the holder of this shard's lock
-            // touches it, and it holds no item to overwrite.
+            // SAFETY: the open buffer's slots lie below `end <= slots.len()`.
+            // The slot belongs to this shard's open buffer and lies past its
+            // filled part: only the holder of this shard's lock touches it,
+            // and it holds no item to overwrite.
             unsafe { slots.get_unchecked(index).get().write(item) };
-            self.prefetch_ahead(st.current, st.len);
-            st.len += 1;
+            self.prefetch_ahead(index, st.end);
+            st.next = index + 1;
             // Only written under the shard lock: a plain store suffices.
             let added = shard.added.load(Ordering::Relaxed).wrapping_add(1);
             shard.added.store(added, Ordering::Relaxed);
-            if st.len == batch {
+            if st.next == st.end {
                 self.seal(st, Reason::Full);
                 done.sealed = true;
             }
@@ -755,14 +756,13 @@ impl<T, S: Storage<T, L>, L, R> Drop for RawBatcher<T, S, L, R> {
         let metas = self.storage.metas();
         for shard in self.storage.shards() {
             // SAFETY: exclusive access (see above).
-            let (current, len) = shard.state.with(|st| unsafe { ((*st).current, (*st).len) });
-            if current != NONE {
-                self.track_slots(current * batch, len, true);
-                // SAFETY: the first `len` slots of a shard's buffer hold items,
-                // and nothing reads them after this.
-                unsafe {
-                    crate::storage::drop_slots(&slots[current * batch..current * batch + len])
-                };
+            let st = shard.state.with(|st| unsafe { *st });
+            if st.current != NONE {
+                let start = st.current * batch;
+                self.track_slots(start, st.next - start, true);
+                // SAFETY: the slots of a shard's buffer before `next` hold
+                // items, and nothing reads them after this.
+                unsafe { crate::storage::drop_slots(&slots[start..st.next]) };
             }
         }
         // SAFETY: exclusive access.
@@ -916,8 +916,9 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Producer<'a, T, S, L, R> {
     /// Seals this shard's partial batch now, if it has one. Returns `true`
     /// if it sealed one.
     pub fn flush(&self) -> bool {
+        let batch = self.batcher.storage.batch();
         with_shard(self.shard, |st| {
-            let had = st.len > 0;
+            let had = st.len(batch) > 0;
             if had {
                 self.batcher.seal(st, Reason::Flush);
             }

@@ -63,14 +63,51 @@ impl BufferMeta {
 }
 
 /// What a shard's lock protects: the buffer its producers are filling.
-#[derive(Debug)]
+///
+/// Positions are indices among all slots, so that an add writes at `next`
+/// and checks `end` without computing where the buffer starts. A buffer is
+/// sealed as soon as it is full, so between calls `next == end` exactly
+/// when no buffer is open, and then both are 0. A buffer is opened to write
+/// into it, and stays open but empty only if writing its first item
+/// panicked.
+#[derive(Debug, Clone, Copy)]
 pub struct ShardState {
-    /// Index of the buffer being filled, or `NONE`. `len == 0` exactly when
-    /// `current == NONE`: a buffer is opened only to write into it.
+    /// Index of the buffer being filled, or `NONE`.
     pub(crate) current: usize,
-    pub(crate) len: usize,
+    /// The slot the next item goes to.
+    pub(crate) next: usize,
+    /// One past the open buffer's last slot.
+    pub(crate) end: usize,
     /// Set by `tick` when it finds this partial batch; the next tick seals it.
     pub(crate) ticked: bool,
+}
+
+impl ShardState {
+    pub(crate) const fn new() -> Self {
+        Self {
+            current: NONE,
+            next: 0,
+            end: 0,
+            ticked: false,
+        }
+    }
+
+    /// `true` if an item can be written at `next`: a buffer is open and not
+    /// full (between calls: a buffer is open).
+    #[inline(always)]
+    pub(crate) fn has_room(&self) -> bool {
+        self.next != self.end
+    }
+
+    /// Items in the open buffer (0 if none), for buffers of `batch` slots.
+    #[inline(always)]
+    pub(crate) fn len(&self, batch: usize) -> usize {
+        if self.current == NONE {
+            0
+        } else {
+            self.next - (self.end - batch)
+        }
+    }
 }
 
 /// A producer shard: a lock, the partial batch it guards, and its counter of
@@ -92,7 +129,7 @@ maybe_const_fn! {
             lock: L::INIT,
             #[cfg(snail_loom)]
             lock: L::new(),
-            state: UnsafeCell::new(ShardState { current: NONE, len: 0, ticked: false }),
+            state: UnsafeCell::new(ShardState::new()),
             added: AtomicUsize::new(0),
         })
     }
