@@ -168,9 +168,10 @@ impl Default for BiasSlot {
 /// - A `light()` in one thread and a `heavy()` in another order memory like two
 ///   `fence(SeqCst)`: when each thread stores, then fences, then loads what
 ///   the other stored, at least one of the loads sees the other's store.
-///   The lock calls `light()` only on a thread that it made an owner, which
-///   it does only after [`grant`](Self::grant) returned `true` on that
-///   thread: the pair needs to hold from then on.
+///   This is needed only in a thread that a lock made an owner, which it
+///   does only after [`grant`](Self::grant) returned `true` in that
+///   thread: from then on. (A lock may run `light()` in other threads too;
+///   what they read after it sends them the slow way.)
 pub unsafe trait Bias {
     /// The calling thread's slot.
     fn slot() -> &'static BiasSlot;
@@ -493,10 +494,11 @@ unsafe impl<B: Bias, R: Relax> RawLock for BiasedLock<B, R> {
         let slot = B::slot();
         // A slot that is already inside a lock means a closure of ours is
         // running: this lock or another is taken the slow way (which waits
-        // forever for this one, as a spin lock would).
-        let _leave = if self.owner.load(Ordering::Relaxed) == id(slot)
-            && slot.inside.load(Ordering::Relaxed) == 0
-        {
+        // forever for this one, as a spin lock would). Whether this thread
+        // owns the lock is read once, after the mark: a mark in a thread
+        // that turns out not to own the lock is cleared again and disturbs
+        // nobody (a revoker looks only at the owner's slot).
+        let _leave = if slot.inside.load(Ordering::Relaxed) == 0 {
             slot.inside.store(self.addr(), Ordering::Release);
             self.light();
             if self.owner.load(Ordering::Relaxed) == id(slot) {

@@ -109,16 +109,17 @@ pub struct ThreadBias;
 // thread-locals are destroyed; the pool's mutex orders the hand-over to a
 // later thread. A thread whose slot is already gone (a lock taken by
 // another thread-local's destructor) gets a new slot on every call, which
-// nobody else ever uses. The fences: a lock runs `light` only on a thread
-// whose `grant` read `EXPEDITED`, which is final (the state moves from
-// `UNKNOWN` to one value, and probing gives the same answer every time):
-// the process is registered, and a heavy fence, which probes first if it
-// reads `UNKNOWN`, issues the system call. That makes every other running
-// thread of the process execute a full barrier before it returns (and a
-// thread that is not running was switched out, which is a full barrier),
-// so a compiler fence on the light side pairs with it like two SeqCst
-// fences. Without `membarrier` no lock is biased, so `light` never runs,
-// and `heavy` runs only for locks biased under another `Bias`: never.
+// nobody else ever uses. The fences: the pair is needed only in a thread
+// that a lock made an owner, so whose `grant` read `EXPEDITED`. That is
+// final (the state moves from `UNKNOWN` to one value, and probing gives
+// the same answer every time): the process is registered, and a heavy
+// fence, which probes first if it reads `UNKNOWN`, issues the system call.
+// That makes every other running thread of the process execute a full
+// barrier before it returns (and a thread that is not running was switched
+// out, which is a full barrier), so a compiler fence on the light side
+// pairs with it like two SeqCst fences. Without `membarrier` no lock is
+// biased, so no owner relies on `light`, and `heavy` (which only revokes
+// an owner) never runs.
 unsafe impl Bias for ThreadBias {
     #[inline(always)]
     fn slot() -> &'static BiasSlot {
