@@ -104,6 +104,10 @@ pub struct Added {
     pub sealed: bool,
 }
 
+/// [`RawBatcher::push_one`]'s result bits.
+const OPENED: u8 = 1;
+const SEALED: u8 = 2;
+
 /// The queue lock's data.
 #[derive(Debug)]
 struct Queue {
@@ -686,40 +690,56 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     }
 
     /// Writes one item into the shard: [`push_in`](Self::push_in) for one
-    /// item, with the common case (room in the open buffer) first.
+    /// item, with the common case (room in the open buffer) inline and
+    /// opening a buffer out of line. Returns whether it opened and sealed a
+    /// buffer, as `(opened, sealed)` bits of one byte, which a caller keeps
+    /// in a register with the item.
     #[inline(always)]
-    fn push_one(&self, shard: &ShardInner<L>, item: T) -> Result<Added, T> {
-        let slots = self.storage.slots();
+    fn push_one(&self, shard: &ShardInner<L>, item: T) -> Result<u8, T> {
         with_shard(shard, |st| {
-            let mut done = Added {
-                items: 1,
-                ..Added::default()
-            };
-            if !st.has_room() {
-                if !self.open_for(st) {
-                    return Err(item);
-                }
-                done.opened = true;
+            if st.has_room() {
+                let sealed = self.write_one(shard, st, item);
+                Ok(if sealed { SEALED } else { 0 })
+            } else {
+                self.open_and_write(shard, st, item)
             }
-            let index = st.next;
-            debug_assert!(index < st.end && st.end <= slots.len());
-            self.track_slots(index, 1, true);
-            // SAFETY: the open buffer's slots lie below `end <= slots.len()`.
-            // The slot belongs to this shard's open buffer and lies past its
-            // filled part: only the holder of this shard's lock touches it,
-            // and it holds no item to overwrite.
-            unsafe { slots.get_unchecked(index).get().write(item) };
-            self.prefetch_ahead(index, st.end);
-            st.next = index + 1;
-            // Only written under the shard lock: a plain store suffices.
-            let added = shard.added.load(Ordering::Relaxed).wrapping_add(1);
-            shard.added.store(added, Ordering::Relaxed);
-            if st.next == st.end {
-                self.seal(st, Reason::Full);
-                done.sealed = true;
-            }
-            Ok(done)
         })
+    }
+
+    /// [`push_one`](Self::push_one) into a shard without an open buffer.
+    #[cold]
+    #[inline(never)]
+    fn open_and_write(&self, shard: &ShardInner<L>, st: &mut ShardState, item: T) -> Result<u8, T> {
+        if !self.open_for(st) {
+            return Err(item);
+        }
+        let sealed = self.write_one(shard, st, item);
+        Ok(OPENED | if sealed { SEALED } else { 0 })
+    }
+
+    /// Writes `item` at the shard's position (the shard has room), and
+    /// seals the buffer if that filled it; returns whether it did.
+    #[inline(always)]
+    fn write_one(&self, shard: &ShardInner<L>, st: &mut ShardState, item: T) -> bool {
+        let slots = self.storage.slots();
+        let index = st.next;
+        debug_assert!(index < st.end && st.end <= slots.len());
+        self.track_slots(index, 1, true);
+        // SAFETY: the open buffer's slots lie below `end <= slots.len()`.
+        // The slot belongs to this shard's open buffer and lies past its
+        // filled part: only the holder of this shard's lock touches it, and
+        // it holds no item to overwrite.
+        unsafe { slots.get_unchecked(index).get().write(item) };
+        self.prefetch_ahead(index, st.end);
+        st.next = index + 1;
+        // Only written under the shard lock: a plain store suffices.
+        let added = shard.added.load(Ordering::Relaxed).wrapping_add(1);
+        shard.added.store(added, Ordering::Relaxed);
+        if st.next == st.end {
+            self.seal(st, Reason::Full);
+            return true;
+        }
+        false
     }
 
     fn count_refusal(&self) {
@@ -928,6 +948,10 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Producer<'a, T, S, L, R> {
 
     #[inline(always)]
     fn push(&self, item: T) -> Result<Added, T> {
-        self.batcher.push_one(self.shard, item)
+        self.batcher.push_one(self.shard, item).map(|bits| Added {
+            items: 1,
+            opened: bits & OPENED != 0,
+            sealed: bits & SEALED != 0,
+        })
     }
 }
