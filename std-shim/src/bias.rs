@@ -89,6 +89,9 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        // Later calls in this thread (other thread-locals' destructors) must
+        // not find the slot once it is back in the pool.
+        CACHED.set(None);
         // The thread is ending and runs no closure under a lock: the next
         // thread may use the slot (the pool's mutex orders the two).
         SLOTS.lock().unwrap_or_else(|e| e.into_inner()).push(self.0);
@@ -99,7 +102,27 @@ fn new_slot() -> &'static BiasSlot {
     Box::leak(Box::new(BiasSlot::new()))
 }
 
-thread_local!(static SLOT: Slot = Slot::take());
+thread_local! {
+    static SLOT: Slot = Slot::take();
+    /// `SLOT`'s slot while it lives, else `None`: a thread-local without a
+    /// destructor, which an add reads without the check whether `SLOT` was
+    /// initialized or destroyed.
+    static CACHED: Cell<Option<&'static BiasSlot>> = const { Cell::new(None) };
+}
+
+/// The calling thread's slot, for a call that did not find it in `CACHED`:
+/// takes `SLOT` (and caches it), or while thread-locals are being destroyed
+/// a new slot of its own.
+#[cold]
+fn uncached_slot() -> &'static BiasSlot {
+    match SLOT.try_with(|s| s.0) {
+        Ok(slot) => {
+            CACHED.set(Some(slot));
+            slot
+        }
+        Err(_) => new_slot(),
+    }
+}
 
 /// The shim's [`Bias`]: a slot per thread, from a pool, and `membarrier`.
 #[derive(Debug)]
@@ -123,7 +146,7 @@ pub struct ThreadBias;
 unsafe impl Bias for ThreadBias {
     #[inline(always)]
     fn slot() -> &'static BiasSlot {
-        SLOT.try_with(|s| s.0).unwrap_or_else(|_| new_slot())
+        CACHED.get().unwrap_or_else(uncached_slot)
     }
 
     #[inline]

@@ -483,3 +483,61 @@ fn builder_accepts_edge_sizes() {
         .spawn(|_| Ok::<(), String>(()))
         .is_err());
 }
+
+// ---- adds from thread-local destructors ------------------------------------
+
+/// Adds from a thread-local's destructor, before and after the batcher's
+/// own thread-locals of that thread (its lock slot and route) are gone,
+/// while other threads start and take pooled slots: every item arrives
+/// once, each thread's in order.
+#[test]
+fn adds_from_thread_local_destructors_arrive() {
+    struct AddOnDrop(Option<(Arc<Batcher<String>>, usize)>);
+    impl Drop for AddOnDrop {
+        fn drop(&mut self) {
+            if let Some((b, t)) = self.0.take() {
+                for i in 0..100 {
+                    b.add(format!("{t}:{}", i + 1)).unwrap();
+                }
+            }
+        }
+    }
+    thread_local!(static LAST: std::cell::RefCell<AddOnDrop> = const { std::cell::RefCell::new(AddOnDrop(None)) });
+
+    watchdog(Duration::from_secs(60), || {
+        let (b, out) = collecting(Duration::from_millis(1));
+        let b = Arc::new(b);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let b = Arc::clone(&b);
+                std::thread::spawn(move || {
+                    // Even threads set theirs up before their first add
+                    // (so it is destroyed after the batcher's, with glibc's
+                    // reverse order), odd ones after.
+                    if t % 2 == 1 {
+                        b.add(format!("{t}:0")).unwrap();
+                    }
+                    LAST.with(|l| l.borrow_mut().0 = Some((Arc::clone(&b), t)));
+                    if t % 2 == 0 {
+                        b.add(format!("{t}:0")).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in threads {
+            h.join().unwrap();
+        }
+        let b = Arc::try_unwrap(b)
+            .ok()
+            .expect("threads gave their batcher back");
+        assert_eq!(b.close().unwrap().items, 8 * 101);
+        let mut next = [0usize; 8];
+        for item in out.lock().unwrap().iter() {
+            let (t, i) = item.split_once(':').unwrap();
+            let (t, i): (usize, usize) = (t.parse().unwrap(), i.parse().unwrap());
+            assert_eq!(i, next[t], "thread {t} out of order");
+            next[t] += 1;
+        }
+        assert_eq!(next, [101; 8]);
+    });
+}
