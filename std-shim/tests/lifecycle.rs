@@ -527,9 +527,7 @@ fn adds_from_thread_local_destructors_arrive() {
         for h in threads {
             h.join().unwrap();
         }
-        let b = Arc::try_unwrap(b)
-            .ok()
-            .expect("threads gave their batcher back");
+        let b = Arc::try_unwrap(b).expect("threads gave their batcher back");
         assert_eq!(b.close().unwrap().items, 8 * 101);
         let mut next = [0usize; 8];
         for item in out.lock().unwrap().iter() {
