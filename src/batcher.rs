@@ -627,7 +627,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                 // its write position in a register.
                 let end = st.end;
                 let full = {
-                    let mut pos = Fill {
+                    let mut fill = Fill {
                         start: st.next,
                         now: st.next,
                         next: &mut st.next,
@@ -637,17 +637,18 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                     // the prefetch is asked for once per line, and the loop
                     // inside has no line test.
                     let full = 'fill: loop {
-                        self.prefetch_ahead(pos.now, end);
+                        self.prefetch_ahead(fill.now, end);
                         let stop = end.min(crate::prefetch::next_line_item(
-                            pos.now,
+                            fill.now,
                             core::mem::size_of::<T>(),
                         ));
                         loop {
-                            debug_assert!(pos.now < end && end <= slots.len());
-                            self.track_slots(pos.now, 1, true);
-                            // SAFETY: the open buffer's slots lie below
-                            // `end <= slots.len()`.
-                            let slot = unsafe { slots.get_unchecked(pos.now) };
+                            debug_assert!(fill.now < end && end <= slots.len());
+                            self.track_slots(fill.now, 1, true);
+                            // SAFETY: `now < end`, and an open buffer ends at
+                            // `end = (current + 1) * batch <= slots.len()`
+                            // (`current < buffers`).
+                            let slot = unsafe { slots.get_unchecked(fill.now) };
                             // A panicking `make` (a clone) leaves the slot
                             // empty and uncounted; if it was a new buffer's
                             // first item, the shard keeps that buffer open
@@ -659,8 +660,8 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                             // holder of this shard's lock touches it, and it
                             // holds no item to overwrite.
                             unsafe { slot.get().write(item) };
-                            pos.now += 1;
-                            if pos.now == stop {
+                            fill.now += 1;
+                            if fill.now == stop {
                                 break;
                             }
                             match next() {
@@ -668,7 +669,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                                 None => break 'fill false,
                             }
                         }
-                        if pos.now == end {
+                        if fill.now == end {
                             break true;
                         }
                         match next() {
@@ -676,7 +677,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                             None => break false,
                         }
                     };
-                    done.items += pos.now - pos.start;
+                    done.items += fill.now - fill.start;
                     full
                 };
                 if !full {
@@ -725,10 +726,11 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
         let index = st.next;
         debug_assert!(index < st.end && st.end <= slots.len());
         self.track_slots(index, 1, true);
-        // SAFETY: the open buffer's slots lie below `end <= slots.len()`.
-        // The slot belongs to this shard's open buffer and lies past its
-        // filled part: only the holder of this shard's lock touches it, and
-        // it holds no item to overwrite.
+        // SAFETY: `next < end` (the shard has room), and an open buffer ends
+        // at `end = (current + 1) * batch <= slots.len()` (`current <
+        // buffers`). The slot belongs to this shard's open buffer and lies
+        // past its filled part: only the holder of this shard's lock touches
+        // it, and it holds no item to overwrite.
         unsafe { slots.get_unchecked(index).get().write(item) };
         self.prefetch_ahead(index, st.end);
         st.next = index + 1;

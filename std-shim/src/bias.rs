@@ -21,7 +21,7 @@ const UNKNOWN: u8 = 0;
 /// Registered for `MEMBARRIER_CMD_PRIVATE_EXPEDITED`.
 const EXPEDITED: u8 = 1;
 /// Not available: grant no bias.
-const FENCES: u8 = 2;
+const UNAVAILABLE: u8 = 2;
 
 static MEMBARRIER: AtomicU8 = AtomicU8::new(UNKNOWN);
 
@@ -31,7 +31,11 @@ static MEMBARRIER: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// a thread reads the result, its light fences are full fences.
 pub(crate) fn init() {
     if MEMBARRIER.load(Acquire) == UNKNOWN {
-        let state = if sys::register() { EXPEDITED } else { FENCES };
+        let state = if sys::register() {
+            EXPEDITED
+        } else {
+            UNAVAILABLE
+        };
         MEMBARRIER.store(state, Release);
     }
 }
