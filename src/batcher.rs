@@ -633,15 +633,18 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                         next: &mut st.next,
                         added: &shard.added,
                     };
-                    // By runs up to the next item that starts a cache line:
-                    // the prefetch is asked for once per line, and the loop
-                    // inside has no line test.
+                    // By runs of several lines, each prefetching ahead of
+                    // all its lines first: the loop inside has no line
+                    // test, and the compiler can unroll it.
                     let full = 'fill: loop {
-                        self.prefetch_ahead(fill.now, end);
-                        let stop = end.min(crate::prefetch::next_line_item(
-                            fill.now,
-                            core::mem::size_of::<T>(),
-                        ));
+                        let size = core::mem::size_of::<T>();
+                        let stop = end.min(crate::prefetch::run_end(fill.now, size));
+                        crate::prefetch::ahead_of_run(
+                            slots.as_ptr().cast(),
+                            fill.now * size,
+                            stop * size,
+                            end * size,
+                        );
                         loop {
                             debug_assert!(fill.now < end && end <= slots.len());
                             self.track_slots(fill.now, 1, true);

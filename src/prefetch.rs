@@ -35,25 +35,45 @@ pub(crate) fn ahead_of(base: *const u8, offset: usize, size: usize, bytes: usize
     }
 }
 
-/// The index of the first item after item `index` (of `size` bytes each)
-/// that starts a new line, where a loop writing items one by one calls
-/// [`ahead_of`] next; `usize::MAX` where prefetching does nothing or the
-/// items take no room, so that the loop never stops for it.
+/// Bytes a fill loop writes between two prefetch steps (see [`run_end`]).
+const RUN: usize = 8 * LINE;
+
+/// Where a loop that writes items one by one from item `index` (of `size`
+/// bytes each) stops to prefetch again: about [`RUN`] bytes on, or never
+/// (`usize::MAX`) where prefetching does nothing or the items take no room.
+/// Runs of several lines let the compiler unroll and vectorize the loop.
 #[inline(always)]
-pub(crate) fn next_line_item(index: usize, size: usize) -> usize {
+pub(crate) fn run_end(index: usize, size: usize) -> usize {
     if !ENABLED || size == 0 {
         return usize::MAX;
     }
-    first_in_next_line(index, size)
+    index.saturating_add(RUN.div_ceil(size))
 }
 
-/// The first item after item `index` that starts a new line (`size > 0`):
-/// the next line starts at byte `next`, and the item that starts in it is
-/// the first whose offset is `next` or more.
+/// Call as a loop is about to write the bytes `from..to` of a buffer of
+/// `bytes` bytes starting at `base`: prefetches [`lines_ahead`].
 #[inline(always)]
-fn first_in_next_line(index: usize, size: usize) -> usize {
-    let next = (index * size / LINE + 1) * LINE;
-    next.div_ceil(size)
+pub(crate) fn ahead_of_run(base: *const u8, from: usize, to: usize, bytes: usize) {
+    if !ENABLED {
+        return;
+    }
+    for offset in lines_ahead(from, to, bytes) {
+        line(base.wrapping_add(offset));
+    }
+}
+
+/// For each line that the bytes `from..to` of a buffer of `bytes` bytes
+/// touch, the offset of the line [`AHEAD`] lines on, if it is still in the
+/// buffer (never the next buffer, which the consumer may be reading).
+#[inline(always)]
+fn lines_ahead(
+    from: usize,
+    to: usize,
+    bytes: usize,
+) -> core::iter::StepBy<core::ops::Range<usize>> {
+    let first = from / LINE * LINE + AHEAD * LINE;
+    let last = to.saturating_add(AHEAD * LINE).min(bytes);
+    (first..last).step_by(LINE)
 }
 
 /// Prefetches the first [`AHEAD`] lines of a buffer that is about to be
@@ -89,22 +109,36 @@ fn line(p: *const u8) {
 mod tests {
     use super::*;
 
-    /// Item `i` starts a line exactly when [`ahead_of`] prefetches for it.
-    fn starts_line(i: usize, size: usize) -> bool {
-        (i * size) % LINE < size
+    #[test]
+    fn lines_ahead_are_those_of_the_touched_lines_inside_the_buffer() {
+        for bytes in [LINE, 5 * LINE + 8, 20 * LINE, 20 * LINE + 40] {
+            for from in 0..bytes {
+                for to in (from + 1..=bytes).step_by(7) {
+                    let expected = (0..bytes)
+                        .step_by(LINE)
+                        .filter(|&l| l < to && l + LINE > from)
+                        .map(|l| l + AHEAD * LINE)
+                        .filter(|&ahead| ahead < bytes);
+                    assert!(
+                        lines_ahead(from, to, bytes).eq(expected),
+                        "bytes {bytes}, {from}..{to}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
-    fn the_next_line_item_is_the_first_later_item_that_starts_a_line() {
-        for size in 1..=3 * LINE {
-            for index in 0..4 * LINE {
-                let expected = (index + 1..).find(|&j| starts_line(j, size)).unwrap();
-                assert_eq!(
-                    first_in_next_line(index, size),
-                    expected,
-                    "size {size}, index {index}"
-                );
+    fn runs_end_about_a_run_on() {
+        for size in [1, 3, 8, 24, 64, 100, 4096] {
+            let end = run_end(10, size);
+            if ENABLED {
+                assert_eq!(end, 10 + RUN.div_ceil(size), "size {size}");
+            } else {
+                assert_eq!(end, usize::MAX);
             }
         }
+        assert_eq!(run_end(10, 0), usize::MAX, "zero-sized items never stop");
+        assert_eq!(run_end(usize::MAX - 1, 1), usize::MAX);
     }
 }

@@ -124,11 +124,17 @@ fn consume() -> impl Strategy<Value = Consume> {
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    op_adding_many(8)
+}
+
+/// The operations, with `try_add_many` and `try_extend` of up to
+/// `many - 1` items.
+fn op_adding_many(many: usize) -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (0..4usize).prop_map(|shard| Op::TryAdd { shard }),
         2 => (0..4usize).prop_map(|shard| Op::Add { shard }),
-        3 => (0..4usize, 0..8usize).prop_map(|(shard, n)| Op::TryAddMany { shard, n }),
-        2 => (0..4usize, 0..8usize).prop_map(|(shard, n)| Op::TryExtend { shard, n }),
+        3 => (0..4usize, 0..many).prop_map(|(shard, n)| Op::TryAddMany { shard, n }),
+        2 => (0..4usize, 0..many).prop_map(|(shard, n)| Op::TryExtend { shard, n }),
         2 => Just(Op::Flush),
         3 => Just(Op::Tick),
         1 => Just(Op::Close),
@@ -143,6 +149,12 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
     // Miri runs each case some thousand times slower: shorter sequences.
     let max = if cfg!(miri) { 40 } else { 80 };
     prop::collection::vec(op(), 0..max)
+}
+
+/// Shorter sequences of operations that add up to 399 items at once.
+fn ops_adding_many() -> impl Strategy<Value = Vec<Op>> {
+    let max = if cfg!(miri) { 10 } else { 40 };
+    prop::collection::vec(op_adding_many(400), 0..max)
 }
 
 // ---------------------------------------------------------------------------
@@ -620,14 +632,16 @@ mod heap {
             run(RawBatcher::with_storage(storage), &ops)?;
         }
 
-        /// Batches that span cache lines (16 `Tracked` per 64 bytes): a fill
-        /// of several items goes in runs that stop at each line's first
-        /// item, where the prefetch is asked for (x86_64 and aarch64).
+        /// Fills that cross prefetch runs: on x86_64 and aarch64 a fill
+        /// goes in runs of 512 bytes (128 `Tracked`), prefetching ahead of
+        /// each run's lines first, so batches of 100 to 300 items, filled
+        /// up to 399 at a time, split fills within a buffer and across
+        /// buffers.
         #[test]
-        fn model_batches_across_cache_lines(
-            batch in 15..=40usize,
+        fn model_fills_across_prefetch_runs(
+            batch in 100..=300usize,
             buffers in 1..=3usize,
-            ops in ops(),
+            ops in ops_adding_many(),
         ) {
             let storage = HeapStorage::<Tracked, SpinLock>::new(batch, buffers, 1).unwrap();
             run(RawBatcher::with_storage(storage), &ops)?;
