@@ -68,8 +68,10 @@ pub(crate) fn pick<T>(shared: &Shared<T>) -> usize {
 /// which is then sealed before the move.
 #[inline(never)]
 pub(crate) fn after_seal<T>(shared: &Shared<T>, unsealed: bool) {
-    if shared.mask == 0 || BATCHER.get() != id(shared) {
-        return; // not routed: the thread keeps to its fixed shard
+    // Not routed (which includes every batcher with one shard): the thread
+    // keeps to its fixed shard.
+    if BATCHER.get() != id(shared) {
+        return;
     }
     let shard = SHARD.get();
     match current_cpu() {
