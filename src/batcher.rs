@@ -104,6 +104,14 @@ pub struct Added {
     pub sealed: bool,
 }
 
+/// `shards[shard % shards.len()]`, out of line: callers usually pass an
+/// index in range.
+#[cold]
+#[inline(never)]
+fn wrap<T>(shards: &[T], shard: usize) -> &T {
+    &shards[shard % shards.len()]
+}
+
 /// [`RawBatcher::push_one`]'s result bits.
 const OPENED: u8 = 1;
 const SEALED: u8 = 2;
@@ -290,14 +298,13 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     pub fn producer(&self, shard: usize) -> Producer<'_, T, S, L, R> {
         let shards = self.storage.shards();
         // Callers usually pass an index already in range: skip the division.
-        let index = if shard < shards.len() {
-            shard
-        } else {
-            shard % shards.len()
+        let shard = match shards.get(shard) {
+            Some(s) => s,
+            None => wrap(shards, shard),
         };
         Producer {
             batcher: self,
-            shard: &shards[index],
+            shard,
         }
     }
 
@@ -553,7 +560,9 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     }
 
     /// Moves a shard's current buffer to the tail of the sealed queue.
-    /// Called with the shard lock held, and items in that buffer.
+    /// Called with the shard lock held, and items in that buffer. Cold: once
+    /// per batch, and kept out of the add path's straight line.
+    #[cold]
     fn seal(&self, st: &mut ShardState, reason: Reason) {
         let (b, len) = (st.current, st.len(self.storage.batch()));
         debug_assert!(len > 0 && b != NONE);
@@ -701,24 +710,25 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     #[inline(always)]
     fn push_one(&self, shard: &ShardInner<L>, item: T) -> Result<u8, T> {
         with_shard(shard, |st| {
-            if st.has_room() {
-                let sealed = self.write_one(shard, st, item);
-                Ok(if sealed { SEALED } else { 0 })
+            let opened = if st.has_room() {
+                0
+            } else if self.open_cold(st) {
+                OPENED
             } else {
-                self.open_and_write(shard, st, item)
-            }
+                return Err(item);
+            };
+            let sealed = self.write_one(shard, st, item);
+            Ok(opened | if sealed { SEALED } else { 0 })
         })
     }
 
-    /// [`push_one`](Self::push_one) into a shard without an open buffer.
+    /// [`open_for`](Self::open_for) out of line, for
+    /// [`push_one`](Self::push_one): a shard opens a buffer once per batch,
+    /// and a call that returns only a flag keeps the item out of memory.
     #[cold]
     #[inline(never)]
-    fn open_and_write(&self, shard: &ShardInner<L>, st: &mut ShardState, item: T) -> Result<u8, T> {
-        if !self.open_for(st) {
-            return Err(item);
-        }
-        let sealed = self.write_one(shard, st, item);
-        Ok(OPENED | if sealed { SEALED } else { 0 })
+    fn open_cold(&self, st: &mut ShardState) -> bool {
+        self.open_for(st)
     }
 
     /// Writes `item` at the shard's position (the shard has room), and

@@ -433,14 +433,25 @@ impl<T> Batcher<T> {
 
     /// After an accepted add: start the shard's linger clock, wake the
     /// worker.
-    #[inline]
+    #[inline(always)]
     fn added(&self, shard: usize, done: Added) {
-        if done.opened && self.shared.linger.is_some() {
+        // `|`, not `||`: one test of both flags.
+        if done.opened | done.sealed {
+            self.opened_or_sealed(shard, done.opened, done.sealed);
+        }
+    }
+
+    /// [`added`](Self::added) for an add that opened or sealed a batch (once
+    /// per batch), out of the add path's straight line.
+    #[cold]
+    #[inline(never)]
+    fn opened_or_sealed(&self, shard: usize, opened: bool, sealed: bool) {
+        if opened && self.shared.linger.is_some() {
             self.note_open(shard);
         }
-        if done.sealed {
+        if sealed {
             self.shared.wake_worker();
-            route::after_seal(&self.shared, done.opened);
+            route::after_seal(&self.shared, opened);
         }
     }
 
