@@ -970,3 +970,67 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Producer<'a, T, S, L, R> {
         })
     }
 }
+
+#[cfg(all(test, not(snail_loom)))]
+mod tests {
+    use super::*;
+    use crate::storage::sealed::StorageImpl;
+
+    /// Counters near `usize::MAX` (as after 2³² items on a 32-bit MCU) wrap
+    /// instead of overflowing, and a difference of two snapshots taken with
+    /// `wrapping_sub` stays exact across the wrap.
+    #[test]
+    fn counters_wrap_and_differences_stay_exact() {
+        let b: ShardedBatcher<u32, 4, 6, 2> = ShardedBatcher::new();
+        let near = usize::MAX - 2;
+        for shard in b.storage.shards() {
+            shard.added.store(near, Ordering::Relaxed);
+        }
+        b.hub.refused.store(near, Ordering::Relaxed);
+        b.hub.with_queue(|q| {
+            q.sealed_full = near;
+            q.sealed_flush = near;
+            q.sealed_tick = near;
+            q.taken = near;
+        });
+        let before = b.stats();
+        assert_eq!(before.added, near.wrapping_add(near));
+        let take_all = || {
+            let mut items = 0;
+            while let Some(batch) = b.try_take() {
+                items += batch.len();
+            }
+            items
+        };
+
+        // Per shard, 4 items seal a full batch and 2 more wait for a flush.
+        for shard in 0..2 {
+            for i in 0..6 {
+                b.producer(shard).try_add(i).unwrap();
+            }
+        }
+        assert!(b.flush());
+        assert_eq!(take_all(), 12);
+        // One item sealed by the second tick, then 5 full batches until the
+        // 6 buffers are in use and an item is refused.
+        b.producer(0).try_add(7).unwrap();
+        assert!(!b.tick());
+        assert!(b.tick());
+        for i in 0..20 {
+            b.producer(1).try_add(i).unwrap();
+        }
+        assert!(b.producer(1).try_add(20).is_err());
+        assert_eq!(take_all(), 21);
+
+        let after = b.stats();
+        assert!(after.added < before.added, "the sum of added did not wrap");
+        assert!(after.taken < before.taken, "taken did not wrap");
+        assert_eq!(after.added.wrapping_sub(before.added), 33);
+        assert_eq!(after.refused.wrapping_sub(before.refused), 1);
+        assert_eq!(after.sealed_full.wrapping_sub(before.sealed_full), 7);
+        assert_eq!(after.sealed_flush.wrapping_sub(before.sealed_flush), 2);
+        assert_eq!(after.sealed_tick.wrapping_sub(before.sealed_tick), 1);
+        assert_eq!(after.sealed().wrapping_sub(before.sealed()), 10);
+        assert_eq!(after.taken.wrapping_sub(before.taken), 10);
+    }
+}
