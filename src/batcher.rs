@@ -1003,12 +1003,12 @@ mod tests {
             items
         };
 
-        // Per shard, 4 items seal a full batch and 2 more wait for a flush.
-        for shard in 0..2 {
-            for i in 0..6 {
-                b.producer(shard).try_add(i).unwrap();
-            }
+        // Per shard, 4 items seal a full batch and 2 more wait for a flush:
+        // added one at a time to shard 0, in one call to shard 1.
+        for i in 0..6 {
+            b.producer(0).try_add(i).unwrap();
         }
+        assert_eq!(b.producer(1).try_add_many(&[6; 6]), 6);
         assert!(b.flush());
         assert_eq!(take_all(), 12);
         // One item sealed by the second tick, then (in one call) 5 full
