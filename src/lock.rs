@@ -178,7 +178,9 @@ pub unsafe trait Bias {
     /// Whether the calling thread may become an owner now (default: always).
     /// A bias whose light fence is cheap only once something is set up (a
     /// `membarrier` registration) returns `false` until then, and its
-    /// `light` may then rely on it: locks stay unbiased meanwhile.
+    /// `light` may then rely on it: locks stay unbiased meanwhile, and
+    /// work as spin locks without counting entries (the 64 lone entries
+    /// that bias a lock are counted from the first granted one).
     #[inline(always)]
     fn grant() -> bool {
         true
@@ -415,7 +417,15 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
                 }
             }
         }
-        // `locked` is held: the bookkeeping below is ours alone.
+        // `locked` is held: the bookkeeping below is ours alone, and
+        // needless while the bias grants no ownership (no `membarrier`):
+        // then this is a spin lock.
+        if !B::grant() {
+            return Leave::Locked {
+                lock: self,
+                grant: None,
+            };
+        }
         let streak = if contended {
             0
         } else if self.last.load(Ordering::Relaxed) == me {

@@ -1610,8 +1610,8 @@ mod biased {
 
     /// A bias that is not ready (`grant` returns `false`, as the std shim's
     /// does without `membarrier`) leaves the lock unbiased however long one
-    /// thread keeps it alone; once it is ready, the next lone entry gets the
-    /// bias (the streak of lone entries went on counting).
+    /// thread keeps it alone, and counts none of those entries; once it is
+    /// ready, the 64th lone entry gets the bias.
     #[test]
     fn no_bias_until_the_bias_grants_it() {
         static READY: AtomicBool = AtomicBool::new(false);
@@ -1638,10 +1638,18 @@ mod biased {
         }
         assert!(!lock.is_biased(), "biased without a grant");
         READY.store(true, Ordering::SeqCst);
+        // Entries without a grant were not counted: 64 granted ones bias it.
+        for _ in 0..63 {
+            lock.lock(|| count += 1);
+        }
+        assert!(
+            !lock.is_biased(),
+            "ungranted entries counted toward the bias"
+        );
         lock.lock(|| count += 1);
-        assert!(lock.is_biased(), "the first lone entry once granted");
+        assert!(lock.is_biased(), "not biased after 64 granted lone entries");
         lock.lock(|| count += 1);
-        assert_eq!(count, 1002);
+        assert_eq!(count, 1065);
     }
 
     /// A closure that panics inside the owner's path leaves the lock usable.
