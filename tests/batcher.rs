@@ -1489,15 +1489,15 @@ mod biased {
     type Lock = BiasedLock<StdBias>;
 
     /// A counter that is only ever touched under `lock`.
-    struct Guarded {
-        lock: Lock,
+    struct Guarded<B = StdBias> {
+        lock: BiasedLock<B>,
         count: std::cell::UnsafeCell<u64>,
     }
 
     // SAFETY: `count` is only accessed inside `lock.lock`.
-    unsafe impl Sync for Guarded {}
+    unsafe impl<B> Sync for Guarded<B> {}
 
-    impl Guarded {
+    impl<B: Bias> Guarded<B> {
         fn bump(&self) {
             // SAFETY: under the lock, the only access.
             self.lock.lock(|| unsafe { *self.count.get() += 1 });
@@ -1533,6 +1533,53 @@ mod biased {
             // SAFETY: under the lock.
             unsafe { *g.count.get() }
         });
+        assert_eq!(total, alone + 4 * each);
+    }
+
+    /// A bias that never grants (the std shim's without `membarrier`): the
+    /// lock is a spin lock. Four threads, one of them alone first for long
+    /// enough that a granting bias would have made it the owner; no
+    /// increment is lost and the lock is never biased.
+    #[test]
+    fn a_lock_whose_bias_never_grants_still_excludes() {
+        struct Never;
+        // SAFETY: as `StdBias`: its slots, `SeqCst` fences.
+        unsafe impl Bias for Never {
+            fn slot() -> &'static BiasSlot {
+                StdBias::slot()
+            }
+            fn grant() -> bool {
+                false
+            }
+            fn light() {
+                std::sync::atomic::fence(Ordering::SeqCst);
+            }
+            fn heavy() {
+                std::sync::atomic::fence(Ordering::SeqCst);
+            }
+        }
+        let g = Guarded::<Never> {
+            lock: BiasedLock::new(),
+            count: std::cell::UnsafeCell::new(0),
+        };
+        let (alone, each) = if cfg!(miri) {
+            (100, 50)
+        } else {
+            (10_000, 100_000)
+        };
+        for _ in 0..alone {
+            g.bump();
+        }
+        assert!(!g.lock.is_biased());
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| (0..each).for_each(|_| g.bump()));
+            }
+            (0..each).for_each(|_| g.bump());
+        });
+        assert!(!g.lock.is_biased());
+        // SAFETY: under the lock.
+        let total = g.lock.lock(|| unsafe { *g.count.get() });
         assert_eq!(total, alone + 4 * each);
     }
 
