@@ -1498,11 +1498,41 @@ mod biased {
     unsafe impl<B> Sync for Guarded<B> {}
 
     impl<B: Bias> Guarded<B> {
+        fn new() -> Self {
+            Self {
+                lock: BiasedLock::new(),
+                count: std::cell::UnsafeCell::new(0),
+            }
+        }
+
         fn bump(&self) {
             // SAFETY: under the lock, the only access.
             self.lock.lock(|| unsafe { *self.count.get() += 1 });
         }
+
+        /// `n` bumps in this thread and in each of three more, all at once.
+        fn bump_from_four_threads(&self, n: u64) {
+            std::thread::scope(|s| {
+                for _ in 0..3 {
+                    s.spawn(|| (0..n).for_each(|_| self.bump()));
+                }
+                (0..n).for_each(|_| self.bump());
+            });
+        }
+
+        /// The count, read under the lock.
+        fn total(&self) -> u64 {
+            // SAFETY: under the lock, the only access.
+            self.lock.lock(|| unsafe { *self.count.get() })
+        }
     }
+
+    /// Lone bumps before the contention, and bumps per contending thread.
+    const ALONE_THEN_EACH: (u64, u64) = if cfg!(miri) {
+        (100, 50)
+    } else {
+        (10_000, 100_000)
+    };
 
     /// One thread takes the lock long enough alone to own it; then three
     /// more join, each revoking and contending. No increment is lost (a
@@ -1510,30 +1540,12 @@ mod biased {
     /// some, and Miri would report the race).
     #[test]
     fn owner_then_contenders_count_exactly() {
-        let g = Guarded {
-            lock: Lock::new(),
-            count: std::cell::UnsafeCell::new(0),
-        };
-        let (alone, each) = if cfg!(miri) {
-            (100, 50)
-        } else {
-            (10_000, 100_000)
-        };
-        for _ in 0..alone {
-            g.bump();
-        }
+        let g: Guarded = Guarded::new();
+        let (alone, each) = ALONE_THEN_EACH;
+        (0..alone).for_each(|_| g.bump());
         assert!(g.lock.is_biased(), "a lone thread came to own the lock");
-        std::thread::scope(|s| {
-            for _ in 0..3 {
-                s.spawn(|| (0..each).for_each(|_| g.bump()));
-            }
-            (0..each).for_each(|_| g.bump());
-        });
-        let total = g.lock.lock(|| {
-            // SAFETY: under the lock.
-            unsafe { *g.count.get() }
-        });
-        assert_eq!(total, alone + 4 * each);
+        g.bump_from_four_threads(each);
+        assert_eq!(g.total(), alone + 4 * each);
     }
 
     /// A bias that never grants (the std shim's without `membarrier`): the
@@ -1558,39 +1570,20 @@ mod biased {
                 std::sync::atomic::fence(Ordering::SeqCst);
             }
         }
-        let g = Guarded::<Never> {
-            lock: BiasedLock::new(),
-            count: std::cell::UnsafeCell::new(0),
-        };
-        let (alone, each) = if cfg!(miri) {
-            (100, 50)
-        } else {
-            (10_000, 100_000)
-        };
-        for _ in 0..alone {
-            g.bump();
-        }
+        let g: Guarded<Never> = Guarded::new();
+        let (alone, each) = ALONE_THEN_EACH;
+        (0..alone).for_each(|_| g.bump());
         assert!(!g.lock.is_biased());
-        std::thread::scope(|s| {
-            for _ in 0..3 {
-                s.spawn(|| (0..each).for_each(|_| g.bump()));
-            }
-            (0..each).for_each(|_| g.bump());
-        });
+        g.bump_from_four_threads(each);
         assert!(!g.lock.is_biased());
-        // SAFETY: under the lock.
-        let total = g.lock.lock(|| unsafe { *g.count.get() });
-        assert_eq!(total, alone + 4 * each);
+        assert_eq!(g.total(), alone + 4 * each);
     }
 
     /// Threads take turns: each runs alone for a while (long enough to own
     /// the lock), then hands over, so ownership moves from thread to thread.
     #[test]
     fn ownership_moves_between_threads() {
-        let g = Guarded {
-            lock: Lock::new(),
-            count: std::cell::UnsafeCell::new(0),
-        };
+        let g: Guarded = Guarded::new();
         let turn = AtomicUsize::new(0);
         let (threads, rounds, run) = if cfg!(miri) { (2, 2, 80) } else { (4, 50, 500) };
         std::thread::scope(|s| {
@@ -1607,9 +1600,7 @@ mod biased {
                 });
             }
         });
-        // SAFETY: under the lock.
-        let total = g.lock.lock(|| unsafe { *g.count.get() });
-        assert_eq!(total, (threads * rounds * run) as u64);
+        assert_eq!(g.total(), (threads * rounds * run) as u64);
     }
 
     /// A sharded batcher on biased locks, as the std shim builds it: four
@@ -1627,10 +1618,7 @@ mod biased {
     /// lone entries; one revoked early doubles what the next owner needs.
     #[test]
     fn a_long_bias_is_granted_again_soon_a_short_one_later() {
-        let g = Guarded {
-            lock: Lock::new(),
-            count: std::cell::UnsafeCell::new(0),
-        };
+        let g: Guarded = Guarded::new();
         // The revoking entry is contended, so a thread becomes the owner on
         // its threshold-th entry after that one.
         let bumps = |n: usize| {
@@ -1650,9 +1638,7 @@ mod biased {
         // That owner made 0 entries of its own: its revocation doubles.
         assert!(!bumps(65), "after a short bias 64 entries are not enough");
         assert!(bumps(129), "the doubled threshold is 128");
-        // SAFETY: under the lock.
-        let total = g.lock.lock(|| unsafe { *g.count.get() });
-        assert_eq!(total, 64 + 5000 + 65 + 65 + 129);
+        assert_eq!(g.total(), 64 + 5000 + 65 + 65 + 129);
     }
 
     /// A bias that is not ready (`grant` returns `false`, as the std shim's
@@ -1702,10 +1688,7 @@ mod biased {
     /// A closure that panics inside the owner's path leaves the lock usable.
     #[test]
     fn panic_inside_the_owned_lock_releases_it() {
-        let g = Guarded {
-            lock: Lock::new(),
-            count: std::cell::UnsafeCell::new(0),
-        };
+        let g: Guarded = Guarded::new();
         for _ in 0..200 {
             g.bump();
         }
@@ -1715,7 +1698,6 @@ mod biased {
         std::thread::scope(|s| {
             s.spawn(|| g.bump());
         });
-        // SAFETY: under the lock.
-        assert_eq!(g.lock.lock(|| unsafe { *g.count.get() }), 202);
+        assert_eq!(g.total(), 202);
     }
 }
