@@ -435,7 +435,7 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
         };
         self.last.store(me, Ordering::Relaxed);
         let threshold = self.threshold.load(Ordering::Relaxed);
-        let grant = (streak >= threshold && B::grant()).then_some(slot);
+        let grant = (streak >= threshold).then_some(slot);
         self.streak
             .store(if grant.is_some() { 0 } else { streak }, Ordering::Relaxed);
         Leave::Locked { lock: self, grant }
