@@ -28,7 +28,8 @@ static MEMBARRIER: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// Probes and registers `membarrier` once per process (again if two threads
 /// race here; registering twice is harmless). `Builder::spawn` calls it, and
 /// so does every heavy fence, so `ThreadBias` is correct without it: until
-/// a thread reads the result, its light fences are full fences.
+/// a thread reads `EXPEDITED`, its `grant` is `false` and no lock makes it
+/// an owner that relies on the light fence.
 pub(crate) fn init() {
     if MEMBARRIER.load(Acquire) == UNKNOWN {
         let state = if sys::register() {
