@@ -72,22 +72,30 @@ pub type CsBatcher<T, const BATCH: usize, const BUFFERS: usize> =
 /// One fill of a shard's open buffer: the write position stays in a
 /// register while a loop writes items, and is stored back, with the shard's
 /// count of added items, on drop, also if the loop's `next` or `make`
-/// panics, so that both cover every item written.
-struct Fill<'a> {
-    next: &'a mut usize,
+/// panics, so that both cover every item written. If `make` panicked on the
+/// first item of an empty buffer, the buffer goes back to the free list:
+/// a shard never keeps an open buffer without items (`close` relies on
+/// that, and so does [`Added::opened`]).
+struct Fill<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> {
+    batcher: &'a RawBatcher<T, S, L, R>,
+    st: &'a mut ShardState,
     added: &'a AtomicUsize,
     start: usize,
     now: usize,
 }
 
-impl Drop for Fill<'_> {
+impl<T, S: Storage<T, L>, L: RawLock, R: Relax> Drop for Fill<'_, T, S, L, R> {
     #[inline(always)]
     fn drop(&mut self) {
-        *self.next = self.now;
+        self.st.next = self.now;
         // Only written under the shard lock: a plain store suffices.
         let total = self.added.load(Ordering::Relaxed);
         self.added
             .store(total.wrapping_add(self.now - self.start), Ordering::Relaxed);
+        // Nothing written: `make` panicked on the fill's first item.
+        if self.now == self.start && self.st.len(self.batcher.storage.batch()) == 0 {
+            self.batcher.unopen(self.st);
+        }
     }
 }
 
@@ -310,7 +318,8 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
 
     /// Adds `item` through shard 0 if a buffer has room, without waiting.
     ///
-    /// Never blocks, except for the short lock of shard 0.
+    /// Never waits for a buffer; it only takes short locks (shard 0's, and
+    /// the queue's when it opens or seals a buffer).
     ///
     /// # Errors
     ///
@@ -594,6 +603,18 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
         *st = ShardState::new();
     }
 
+    /// Returns a shard's open buffer, still empty, to the free list: the
+    /// `make` of its first item panicked (see [`Fill`]). Called with the
+    /// shard lock held.
+    #[cold]
+    #[inline(never)]
+    fn unopen(&self, st: &mut ShardState) {
+        let b = st.current;
+        debug_assert!(b != NONE && st.len(self.storage.batch()) == 0);
+        *st = ShardState::new();
+        self.recycle(b);
+    }
+
     /// Returns a taken buffer to the free list.
     pub(crate) fn recycle(&self, b: usize) {
         let metas = self.storage.metas();
@@ -637,9 +658,10 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                 let end = st.end;
                 let full = {
                     let mut fill = Fill {
+                        batcher: self,
                         start: st.next,
                         now: st.next,
-                        next: &mut st.next,
+                        st: &mut *st,
                         added: &shard.added,
                     };
                     // By runs of several lines, each prefetching ahead of
@@ -663,9 +685,7 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
                             let slot = unsafe { slots.get_unchecked(fill.now) };
                             // A panicking `make` (a clone) leaves the slot
                             // empty and uncounted; if it was a new buffer's
-                            // first item, the shard keeps that buffer open
-                            // and empty, which every path handles (they seal
-                            // only a buffer with items).
+                            // first item, `Fill` gives the buffer back.
                             let item = make(pending);
                             // SAFETY: the slot belongs to this shard's open
                             // buffer and lies past its filled part: only the
@@ -918,7 +938,8 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Producer<'a, T, S, L, R> {
 
     /// Adds clones of a prefix of `items`, as many as fit without waiting,
     /// under one lock acquisition; returns how many. Only the items added
-    /// are cloned.
+    /// are cloned, each with the shard lock held: a `Clone` must not use
+    /// this batcher.
     pub fn try_add_many(&self, items: &[T]) -> usize
     where
         T: Clone,
@@ -936,7 +957,8 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Producer<'a, T, S, L, R> {
     /// item that found no room (taken from `iter`, handed back).
     ///
     /// `iter` runs with the shard lock held: keep it cheap, and never add to
-    /// the same batcher from inside it (that would deadlock).
+    /// the same batcher from inside it (with a spin lock that waits forever;
+    /// a [`CsLock`](crate::CsLock) panics).
     #[inline]
     pub fn try_extend<I: Iterator<Item = T>>(&self, iter: &mut I) -> (Added, Option<T>) {
         let (done, refused) = self

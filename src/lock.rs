@@ -534,23 +534,44 @@ unsafe impl<B: Bias, R: Relax> RawLock for BiasedLock<B, R> {
 /// batches. It never waits, so it needs no relax hook. The program must link
 /// one critical-section implementation (for Cortex-M, the `cortex-m` crate's
 /// `critical-section-single-core` feature).
+///
+/// Critical sections nest: code inside one may enter it again. So a closure
+/// that takes the same `CsLock` again (an item's `Clone` or an iterator that
+/// adds to the batcher it is being added to) cannot wait as it would on a
+/// spin lock: it panics instead.
 #[cfg(feature = "critical-section")]
 #[derive(Debug, Default)]
 pub struct CsLock {
-    _private: (),
+    /// Set while a closure runs: inside the critical section nothing else
+    /// runs on this core and other cores wait outside it, so a set flag
+    /// means this lock's closure is further up our own stack.
+    held: AtomicBool,
 }
 
 #[cfg(feature = "critical-section")]
 impl CsLock {
-    /// Returns the lock (it holds no state).
-    pub const fn new() -> Self {
-        Self { _private: () }
+    maybe_const_fn! {
+        /// Returns an unlocked lock.
+        pub fn new() -> Self {
+            Self { held: AtomicBool::new(false) }
+        }
     }
+}
+
+/// Stops a closure that entered its own [`CsLock`] again.
+#[cfg(feature = "critical-section")]
+#[cold]
+#[inline(never)]
+fn entered_again() -> ! {
+    panic!("snail: a CsLock was entered again from inside its own closure (a Clone or iterator that adds to the batcher it is adding to)")
 }
 
 // SAFETY: critical sections never overlap (the critical-section crate's
 // contract), and entering and leaving one is a full compiler and hardware
-// barrier on the implementations it allows.
+// barrier on the implementations it allows. They may nest, though: `held`
+// (read and written only inside the critical section) refuses a nested
+// entry of the same lock before its closure runs, and `Unlock` clears it
+// after the closure, also when it unwinds.
 #[cfg(feature = "critical-section")]
 unsafe impl RawLock for CsLock {
     #[cfg(not(snail_loom))]
@@ -562,6 +583,13 @@ unsafe impl RawLock for CsLock {
 
     #[inline(always)]
     fn lock<T>(&self, f: impl FnOnce() -> T) -> T {
-        critical_section::with(|_| f())
+        critical_section::with(|_| {
+            if self.held.load(Ordering::Relaxed) {
+                entered_again();
+            }
+            self.held.store(true, Ordering::Relaxed);
+            let _release = Unlock(&self.held);
+            f()
+        })
     }
 }

@@ -68,8 +68,8 @@ impl BufferMeta {
 /// and checks `end` without computing where the buffer starts. A buffer is
 /// sealed as soon as it is full, so between calls `next == end` exactly
 /// when no buffer is open, and then both are 0. A buffer is opened to write
-/// into it, and stays open but empty only if writing its first item
-/// panicked.
+/// into it, and goes back to the free list if making its first item
+/// panicked: between calls an open buffer holds at least one item.
 #[derive(Debug, Clone, Copy)]
 pub struct ShardState {
     /// Index of the buffer being filled, or `NONE`.

@@ -1227,7 +1227,7 @@ fn a_panicking_clone_in_try_add_many_leaves_the_batcher_consistent() {
 }
 
 #[test]
-fn a_panicking_clone_of_a_new_buffers_first_item_leaves_it_open_and_empty() {
+fn a_panicking_clone_of_a_new_buffers_first_item_gives_the_buffer_back() {
     reset();
     let b: Batcher<Tracked, 2, 3> = Batcher::new();
     let items = tracked(0..4);
@@ -1237,14 +1237,38 @@ fn a_panicking_clone_of_a_new_buffers_first_item_leaves_it_open_and_empty() {
     }));
     assert_eq!(b.len(), 2);
     assert_eq!(b.stats().added, 2);
-    assert!(!b.flush(), "an open empty buffer is no partial batch");
+    assert!(b.has_free(), "the opened buffer went back to the free list");
+    assert!(!b.flush(), "no partial batch");
     assert!(!b.tick() && !b.tick(), "nor for tick");
-    // The open buffer takes the next items; the third buffer is still free.
-    assert_eq!(b.try_add_many(&items[2..]), 2);
+    // The next item opens a buffer again, and says so.
+    let done = b.producer(0).try_add(items[2].clone()).unwrap();
+    assert!(done.opened, "{done:?}");
+    assert_eq!(b.try_add_many(&items[3..]), 1);
     b.try_add(Tracked::new(9)).unwrap();
     assert!(b.flush());
     assert_eq!(take_values(&b), vec![vec![0, 1], vec![2, 3], vec![9]]);
     assert!(b.try_take().is_none());
+    drop(items);
+    drop(b);
+    assert_eq!(live(), 0);
+}
+
+#[test]
+fn close_refuses_items_after_a_panicking_clone_of_a_first_item() {
+    reset();
+    let b: Batcher<Tracked, 2, 3> = Batcher::new();
+    let items = tracked(0..3);
+    assert!(panics_cloning(2, || {
+        b.try_add_many(&items);
+    }));
+    b.close();
+    let back = b.try_add(Tracked::new(7)).unwrap_err();
+    assert_eq!(back.0 .0, 7, "the item comes back");
+    assert_eq!(b.try_add_many(&items), 0);
+    assert_eq!(b.add(Tracked::new(8)).unwrap_err().0 .0, 8);
+    assert_eq!(b.len(), 2);
+    drop(back);
+    assert_eq!(take_values(&b), vec![vec![0, 1]]);
     drop(items);
     drop(b);
     assert_eq!(live(), 0);
@@ -1435,6 +1459,36 @@ mod critical_section_lock {
         b.close();
         assert_eq!(take_values(&b), vec![vec![0, 7]]);
         drop((items, b));
+        assert_eq!(live(), 0);
+    }
+
+    /// A critical section nests, so an iterator that adds to the batcher it
+    /// is being added to would enter the shard's state a second time: the
+    /// lock panics instead, and what was added before stays intact.
+    #[test]
+    fn entering_a_cs_lock_again_from_inside_panics_and_loses_nothing() {
+        reset();
+        let b: CsBatcher<Tracked, 4, 2> = CsBatcher::new();
+        let mut calls = 0;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let mut iter = std::iter::from_fn(|| {
+                calls += 1;
+                if calls == 3 {
+                    let _ = b.try_add(Tracked::new(10));
+                }
+                Some(Tracked::new(calls))
+            });
+            b.producer(0).try_extend(&mut iter)
+        }));
+        let message = *result.unwrap_err().downcast::<&str>().unwrap();
+        assert!(message.contains("entered again"), "{message}");
+        assert_eq!(b.len(), 2, "the items before the re-entry");
+        assert_eq!(live(), 2, "the re-entering call's item was dropped");
+        // The lock was left on unwind, outer and inner.
+        b.try_add(Tracked::new(5)).unwrap();
+        b.flush();
+        assert_eq!(take_values(&b), vec![vec![1, 2, 5]]);
+        drop(b);
         assert_eq!(live(), 0);
     }
 
