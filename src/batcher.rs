@@ -801,37 +801,69 @@ impl<T, S: Storage<T, L>, L, R> RawBatcher<T, S, L, R> {
     }
 }
 
-impl<T, S: Storage<T, L>, L, R> Drop for RawBatcher<T, S, L, R> {
-    fn drop(&mut self) {
-        // `&mut self`: no guard, producer or lock holder is left. Drop the
-        // items of partial batches, then of sealed ones; taken buffers were
-        // emptied by their guards.
+impl<T, S: Storage<T, L>, L, R> RawBatcher<T, S, L, R> {
+    /// Drops the items of partial batches, then of sealed ones; taken
+    /// buffers were emptied by their guards. Each batch is detached before
+    /// its items drop, so that if an item's `Drop` panics, a guard drops the
+    /// batches left (as `Vec` does, a second panic aborts).
+    ///
+    /// # Safety
+    ///
+    /// Called only by `Drop`: no guard, producer or lock holder is left.
+    unsafe fn drop_items(&self) {
+        /// Drops what is left if an item's drop unwinds.
+        struct Rest<'a, T, S: Storage<T, L>, L, R>(&'a RawBatcher<T, S, L, R>);
+        impl<T, S: Storage<T, L>, L, R> Drop for Rest<'_, T, S, L, R> {
+            fn drop(&mut self) {
+                // SAFETY: as for the call this guard belongs to.
+                unsafe { self.0.drop_items() }
+            }
+        }
+        let rest = Rest(self);
         let batch = self.storage.batch();
         let slots = self.storage.slots();
         let metas = self.storage.metas();
         for shard in self.storage.shards() {
             // SAFETY: exclusive access (see above).
-            let st = shard.state.with(|st| unsafe { *st });
+            let st = shard
+                .state
+                .with_mut(|st| unsafe { core::mem::replace(&mut *st, ShardState::new()) });
             if st.current != NONE {
                 let start = st.current * batch;
                 self.track_slots(start, st.next - start, true);
                 // SAFETY: the slots of a shard's buffer before `next` hold
-                // items, and nothing reads them after this.
+                // items, and the shard no longer points at them.
                 unsafe { crate::storage::drop_slots(&slots[start..st.next]) };
             }
         }
-        // SAFETY: exclusive access.
-        let mut b = self.hub.queue.with(|q| unsafe { (*q).sealed_head });
-        while b != NONE {
-            // SAFETY: exclusive access; `b` is a sealed buffer whose first
-            // `len` slots hold items, dropped once here.
+        loop {
+            // SAFETY: exclusive access.
+            let b = self.hub.queue.with_mut(|q| unsafe {
+                let b = (*q).sealed_head;
+                if b != NONE {
+                    (*q).sealed_head = metas[b].next.with(|p| *p);
+                }
+                b
+            });
+            if b == NONE {
+                break;
+            }
+            // SAFETY: exclusive access; `b` was a sealed buffer whose first
+            // `len` slots hold items, now off the queue: dropped once here.
             unsafe {
                 let len = metas[b].len.with(|p| *p);
                 self.track_slots(b * batch, len, true);
                 crate::storage::drop_slots(&slots[b * batch..b * batch + len]);
-                b = metas[b].next.with(|p| *p);
             }
         }
+        core::mem::forget(rest);
+    }
+}
+
+impl<T, S: Storage<T, L>, L, R> Drop for RawBatcher<T, S, L, R> {
+    fn drop(&mut self) {
+        // SAFETY: `&mut self`: no guard, producer or lock holder is left.
+        unsafe { self.drop_items() }
     }
 }
 

@@ -1336,6 +1336,27 @@ fn a_panicking_item_drop_in_a_guard_still_drops_the_rest_and_recycles() {
 }
 
 #[test]
+fn a_panicking_item_drop_in_the_batchers_drop_still_drops_every_other_item() {
+    // A sharded batcher with a partial batch on each shard and sealed ones;
+    // the panicking item is in each place in turn.
+    for poison in [0, 5, 8] {
+        reset();
+        let b: ShardedBatcher<Tracked, 2, 6, 2> = ShardedBatcher::new();
+        for i in 0..5 {
+            b.producer(0).try_add(Tracked::new(i)).unwrap(); // [0, 1] [2, 3] [4
+        }
+        for i in 5..10 {
+            b.producer(1).try_add(Tracked::new(i)).unwrap(); // [5, 6] [7, 8] [9
+        }
+        POISON_DROP.with(|p| p.set(Some(poison)));
+        assert!(catch_unwind(AssertUnwindSafe(|| drop(b))).is_err());
+        POISON_DROP.with(|p| p.set(None));
+        assert_eq!(dropped(), 10, "poison {poison}: every item dropped once");
+        assert_eq!(live(), 0);
+    }
+}
+
+#[test]
 fn a_panicking_item_drop_in_a_drain_still_drops_the_rest() {
     reset();
     let b: Batcher<Tracked, 4, 1> = Batcher::new();
