@@ -384,6 +384,16 @@ impl<T: Send + 'static> Builder<T> {
     }
 }
 
+/// How a blocked add waits.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// Until a buffer is free, helping as [`Help`] allows (`add`).
+    Helping,
+    /// Until the deadline, if any, never running the handler: a handler call
+    /// could outlast the deadline (`add_timeout`).
+    Until(Option<Instant>),
+}
+
 /// Many producers add items; a worker thread receives them in batches.
 ///
 /// `Send + Sync` for `T: Send`: share it by reference (scoped threads) or in
@@ -496,7 +506,7 @@ impl<T> Batcher<T> {
     /// waits), or after the handler panicked.
     #[inline]
     pub fn add(&self, item: T) -> Result<(), Closed<T>> {
-        self.add_until(item, None)
+        self.add_until(item, Wait::Helping)
             .map_err(|e| Closed(e.into_inner()))
     }
 
@@ -509,7 +519,7 @@ impl<T> Batcher<T> {
     /// when the batcher is closed; both hand the item back.
     pub fn add_timeout(&self, item: T, timeout: Duration) -> Result<(), TryAddError<T>> {
         // A deadline past what `Instant` can hold means no deadline.
-        self.add_until(item, Instant::now().checked_add(timeout))
+        self.add_until(item, Wait::Until(Instant::now().checked_add(timeout)))
     }
 
     /// Adds every item of `items`, blocking like [`add`](Self::add) while
@@ -545,7 +555,7 @@ impl<T> Batcher<T> {
     }
 
     #[inline]
-    fn add_until(&self, item: T, deadline: Option<Instant>) -> Result<(), TryAddError<T>> {
+    fn add_until(&self, item: T, wait: Wait) -> Result<(), TryAddError<T>> {
         let (shard, producer) = self.producer();
         match producer.add_with(item, || false) {
             Ok(done) => {
@@ -553,7 +563,7 @@ impl<T> Batcher<T> {
                 Ok(())
             }
             Err(Full(item)) if self.shared.core.is_closed() => Err(TryAddError::Closed(item)),
-            Err(Full(item)) => self.wait_and_add(item, deadline),
+            Err(Full(item)) => self.wait_and_add(item, wait),
         }
     }
 
@@ -561,8 +571,12 @@ impl<T> Batcher<T> {
     /// condvar until the worker frees a buffer, the batcher closes or the
     /// deadline passes.
     #[cold]
-    fn wait_and_add(&self, item: T, deadline: Option<Instant>) -> Result<(), TryAddError<T>> {
+    fn wait_and_add(&self, item: T, wait: Wait) -> Result<(), TryAddError<T>> {
         let shared = &*self.shared;
+        let (deadline, may_help) = match wait {
+            Wait::Helping => (None, true),
+            Wait::Until(deadline) => (deadline, false),
+        };
         let mut attempts = 0u32;
         let mut registered = false;
         let mut seen = 0;
@@ -580,8 +594,7 @@ impl<T> Batcher<T> {
                 std::hint::spin_loop();
             } else if attempts <= SPINS + YIELDS {
                 // Retry at once after handling a batch: that freed a buffer.
-                // Not with a deadline: a handler call could outlast it.
-                if deadline.is_none()
+                if may_help
                     && waiting.blocked.load(Relaxed) >= shared.help_from
                     && shared.core.has_sealed()
                     && crate::worker::help(shared)

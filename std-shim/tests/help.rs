@@ -167,29 +167,31 @@ fn by_default_producers_help_only_when_as_many_are_blocked_as_cpus() {
 
 #[test]
 fn add_timeout_never_runs_the_handler() {
-    let by_producers = Arc::new(AtomicU64::new(0));
-    let counted = Arc::clone(&by_producers);
-    let b = builder()
-        .spawn(move |_| {
-            if !on_worker() {
-                counted.fetch_add(1, SeqCst);
-            }
-            Ok::<(), String>(())
-        })
-        .unwrap();
-    std::thread::scope(|s| {
-        for p in 0..PRODUCERS {
-            let b = &b;
-            s.spawn(move || {
-                for seq in 0..PER {
-                    b.add_timeout(item(p, seq), Duration::from_secs(60))
-                        .expect("added within a minute");
+    // `Duration::MAX` is past what `Instant` holds: no deadline, still no help.
+    for timeout in [Duration::from_secs(60), Duration::MAX] {
+        let by_producers = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&by_producers);
+        let b = builder()
+            .spawn(move |_| {
+                if !on_worker() {
+                    counted.fetch_add(1, SeqCst);
                 }
-            });
-        }
-    });
-    assert_eq!(b.close().unwrap().items, PRODUCERS * PER);
-    assert_eq!(by_producers.load(SeqCst), 0);
+                Ok::<(), String>(())
+            })
+            .unwrap();
+        std::thread::scope(|s| {
+            for p in 0..PRODUCERS {
+                let b = &b;
+                s.spawn(move || {
+                    for seq in 0..PER {
+                        b.add_timeout(item(p, seq), timeout).expect("added in time");
+                    }
+                });
+            }
+        });
+        assert_eq!(b.close().unwrap().items, PRODUCERS * PER);
+        assert_eq!(by_producers.load(SeqCst), 0, "timeout {timeout:?}");
+    }
 }
 
 #[test]
