@@ -4,6 +4,7 @@
 use std::any::Any;
 use std::fmt;
 use std::marker::PhantomData;
+use std::mem;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::{self, JoinHandle, Thread};
@@ -384,6 +385,24 @@ impl<T: Send + 'static> Builder<T> {
     }
 }
 
+/// Dropped only if an `add_many`'s iterator panics, after it added items
+/// to shard `.1` that [`Batcher::added`] never hears of: wakes the worker
+/// for the batches they may have sealed and starts the shard's linger
+/// clock, unless one runs (an older stamp only seals the partial batch
+/// sooner).
+struct Unwinding<'a, T>(&'a Shared<T>, usize);
+
+impl<T> Drop for Unwinding<'_, T> {
+    fn drop(&mut self) {
+        let Unwinding(shared, shard) = *self;
+        if shared.linger.is_some() {
+            let now = shared.now_nanos() + 1;
+            let _ = shared.opened[shard].compare_exchange(0, now, SeqCst, Relaxed);
+        }
+        shared.wake_worker();
+    }
+}
+
 /// How a blocked add waits.
 #[derive(Clone, Copy)]
 enum Wait {
@@ -525,7 +544,8 @@ impl<T> Batcher<T> {
     /// Adds every item of `items`, blocking like [`add`](Self::add) while
     /// every buffer is in use. Items are moved in under one lock while they
     /// fit, so the iterator runs with a shard lock held: keep it cheap, and
-    /// never add to this batcher from inside it.
+    /// never add to this batcher from inside it. If it panics, the items it
+    /// yielded before are kept and delivered like any others.
     ///
     /// # Errors
     ///
@@ -537,7 +557,9 @@ impl<T> Batcher<T> {
             // Picked again after each refused item: `add` may have moved
             // this thread to another shard, and the rest must follow it.
             let (shard, producer) = self.producer();
+            let unwinding = Unwinding(&self.shared, shard);
             let (done, refused) = producer.try_extend(&mut iter);
+            mem::forget(unwinding);
             self.added(shard, done);
             match refused {
                 None => return Ok(()),

@@ -207,3 +207,34 @@ fn lone_item_after_a_full_batch_still_lingers() {
     );
     b.close().unwrap();
 }
+
+/// An `add_many` whose iterator panics has accepted the items before the
+/// panic: the batch it sealed reaches the worker at once and the partial
+/// one within linger, as after an add that returns. (Fixed bug: the panic
+/// skipped waking the worker and starting the linger clock, so the partial
+/// batch waited for the next add, a flush or close.)
+#[test]
+fn items_before_a_panicking_iterator_in_add_many_still_linger() {
+    let (b, rx) = batcher(LINGER);
+    std::thread::sleep(Duration::from_millis(30)); // the worker parks
+    let t0 = Instant::now();
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut n = 0;
+        b.add_many(std::iter::from_fn(|| {
+            n += 1;
+            if n > 150 {
+                panic!("the iterator fails");
+            }
+            Some(n)
+        }))
+    }));
+    assert!(unwound.is_err());
+    let (_, full) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (at, partial) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let latency = at - t0;
+    assert_eq!(full, (1..=100).collect::<Vec<_>>());
+    assert_eq!(partial, (101..=150).collect::<Vec<_>>());
+    assert!(latency < LINGER + SLACK, "delivered after {latency:?}");
+    assert_eq!(b.stats().lingered, 1);
+    assert_eq!(b.close().unwrap().items, 150);
+}
