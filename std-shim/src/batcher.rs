@@ -158,6 +158,16 @@ impl<T> Shared<T> {
         }
     }
 
+    /// What the handler was handed so far (the worker's report as last
+    /// published).
+    pub(crate) fn delivered(&self) -> Report {
+        Report {
+            items: self.delivered_items.load(Relaxed),
+            batches: self.delivered_batches.load(Relaxed),
+            handler_errors: self.handler_errors.load(Relaxed),
+        }
+    }
+
     /// Wakes the worker if it is parked or about to park.
     #[inline]
     pub(crate) fn wake_worker(&self) {
@@ -713,11 +723,7 @@ impl<T> Batcher<T> {
             sealed_partial: core.sealed_flush.wrapping_add(core.sealed_tick) as u64,
             lingered: s.lingered.load(Relaxed),
             held: s.core.len() as u64,
-            delivered: Report {
-                items: s.delivered_items.load(Relaxed),
-                batches: s.delivered_batches.load(Relaxed),
-                handler_errors: s.handler_errors.load(Relaxed),
-            },
+            delivered: s.delivered(),
         }
     }
 
@@ -750,7 +756,7 @@ impl<T> Batcher<T> {
                     message: crate::worker::panic_message(&*payload),
                     batch_items: 0,
                     dropped_items: shared.core.len() as u64,
-                    report: Report::default(),
+                    report: shared.delivered(),
                 }),
                 None => Ok(Report::default()),
             }

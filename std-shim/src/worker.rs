@@ -130,8 +130,18 @@ pub(crate) fn help<T>(shared: &Shared<T>) -> bool {
 pub(crate) fn run<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
     let outcome = work(shared);
     let handle = shared.lock_consumer().handle.take();
-    drop(handle); // outside the lock: its destructor may take long
-    outcome
+    // Outside the lock: its destructor may take long. A panic there is the
+    // handler's too, reported with what was delivered (nothing is dropped:
+    // every batch was handled).
+    match catch_unwind(AssertUnwindSafe(|| drop(handle))) {
+        Ok(()) => outcome,
+        Err(payload) => Err(outcome.err().unwrap_or_else(|| HandlerPanicked {
+            message: panic_message(&*payload),
+            batch_items: 0,
+            dropped_items: 0,
+            report: shared.delivered(),
+        })),
+    }
 }
 
 /// The worker's loop; returns when the batcher is closed and drained, or

@@ -237,3 +237,67 @@ fn drop_after_handler_panic_does_not_panic() {
     assert!(matches!(r, Err(Closed(2))));
     drop(b); // reports on stderr, must not panic
 }
+
+/// Panics on drop when it holds `true`.
+struct Bomb(bool);
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        if self.0 && !std::thread::panicking() {
+            panic!("a bomb went off");
+        }
+    }
+}
+
+/// The worker drops the handler after the last batch: a panic there is the
+/// handler's, reported with everything that was delivered. (Fixed bug: the
+/// report said nothing was delivered.)
+#[test]
+fn a_panicking_handler_destructor_is_reported_with_what_was_delivered() {
+    let state = Bomb(true);
+    let b = Batcher::<u32>::builder()
+        .batch_size(2)
+        .spawn(move |_batch| {
+            let _ = &state;
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    for i in 0..10 {
+        b.add(i).unwrap();
+    }
+    let err = b.close().unwrap_err();
+    assert_eq!(err.message, "a bomb went off");
+    assert_eq!((err.batch_items, err.dropped_items), (0, 0));
+    assert_eq!((err.report.items, err.report.batches), (10, 5));
+    assert_eq!(b.close().unwrap_err(), err, "the same outcome again");
+}
+
+/// An item that panics as it is dropped after a handler panic kills the
+/// worker: `close` still reports what was delivered before.
+#[test]
+fn a_worker_that_dies_still_reports_what_was_delivered() {
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    let b = Batcher::<Bomb>::builder()
+        .batch_size(2)
+        .queue_size(4)
+        .linger(Duration::MAX)
+        .shards(1)
+        .spawn(move |batch| {
+            let _ = gate_rx.recv();
+            if batch.len() == 1 {
+                panic!("the handler fails");
+            }
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    b.add_many([Bomb(false), Bomb(false)]).unwrap(); // delivered
+    b.add(Bomb(false)).unwrap();
+    b.flush(); // [false]: the handler panics on it
+    b.add_many([Bomb(true), Bomb(false)]).unwrap(); // dropped after the panic
+    for _ in 0..2 {
+        gate_tx.send(()).unwrap();
+    }
+    let err = b.close().unwrap_err();
+    assert_eq!(err.message, "a bomb went off");
+    assert_eq!((err.report.items, err.report.batches), (2, 1));
+}
