@@ -61,7 +61,9 @@ pub struct Report {
 pub struct Stats {
     /// Items accepted.
     pub added: u64,
-    /// `try_add` calls refused because every buffer was in use.
+    /// Adds that found no room without waiting: `try_add` calls refused
+    /// because every buffer was in use or the batcher was closed, and
+    /// `add_many` items that found no buffer (each then waits as in `add`).
     pub refused: u64,
     /// Batches sealed because they were full.
     pub sealed_full: u64,
@@ -324,7 +326,8 @@ impl<T: Send + 'static> Builder<T> {
     /// # Errors
     ///
     /// [`BuildError`] for a zero batch size or shard count, buffers that do
-    /// not fit in memory, or a thread that cannot be started.
+    /// not fit in memory, a thread name with a NUL byte, or a thread that
+    /// cannot be started.
     pub fn spawn<F, E>(self, handler: F) -> Result<Batcher<T>, BuildError>
     where
         F: FnMut(&mut Batch<'_, T>) -> Result<(), E> + Send + 'static,
@@ -332,6 +335,10 @@ impl<T: Send + 'static> Builder<T> {
     {
         if self.batch_size == 0 {
             return Err(BuildError::ZeroBatchSize);
+        }
+        // `thread::Builder::spawn` panics on such a name.
+        if self.name.as_ref().is_some_and(|n| n.contains('\0')) {
+            return Err(BuildError::NameWithNul);
         }
         crate::bias::init();
         let cpus = thread::available_parallelism().map_or(1, |n| n.get());

@@ -66,6 +66,9 @@ pub enum BuildError {
     ZeroShards,
     /// The buffers do not fit in memory (`batch_size × buffers` items).
     TooLarge,
+    /// The worker thread's [`name`](crate::Builder::name) contains a NUL
+    /// byte, which no thread name may hold.
+    NameWithNul,
     /// The worker thread could not be started.
     Spawn(std::io::Error),
 }
@@ -76,6 +79,7 @@ impl fmt::Display for BuildError {
             BuildError::ZeroBatchSize => f.write_str("batch_size must be at least 1"),
             BuildError::ZeroShards => f.write_str("shards must be at least 1"),
             BuildError::TooLarge => f.write_str("batch_size × buffers items do not fit in memory"),
+            BuildError::NameWithNul => f.write_str("the worker thread's name contains a NUL byte"),
             BuildError::Spawn(e) => write!(f, "could not start the worker thread: {e}"),
         }
     }

@@ -52,7 +52,9 @@
 //!   Items are dropped exactly once, whether the handler drained them or not.
 //! - One thread's items reach the handler in the order it added them.
 //! - At most `batch_size × buffers` items are held; buffers are allocated
-//!   once, at [`spawn`](Builder::spawn), and `add` allocates nothing.
+//!   once, at [`spawn`](Builder::spawn), and `add` allocates nothing (but
+//!   for a thread's first add to any batcher, which may allocate a small
+//!   per-thread record, reused by later threads).
 //! - `add` blocks while every buffer is in use (it is not lock-free): it
 //!   spins briefly, yields, then sleeps until the worker frees a buffer (or,
 //!   see [`Help`], handles a sealed batch itself).

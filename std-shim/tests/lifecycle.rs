@@ -310,6 +310,14 @@ fn builder_rejects_zero_sizes() {
 }
 
 #[test]
+fn builder_rejects_a_worker_name_with_a_nul_byte() {
+    assert!(matches!(
+        spawn_err(Batcher::<u64>::builder().name("log\0writer")),
+        BuildError::NameWithNul
+    ));
+}
+
+#[test]
 fn builder_rejects_absurd_sizes() {
     let too_large = |e: BuildError| assert!(matches!(e, BuildError::TooLarge), "{e:?}");
     too_large(spawn_err(
