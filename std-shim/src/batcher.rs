@@ -120,6 +120,9 @@ pub(crate) struct Shared<T> {
     pub(crate) worker: OnceLock<Thread>,
     /// Set after `core.close()` returned: every accepted item is sealed.
     pub(crate) closing: AtomicBool,
+    /// Set when the batcher was dropped inside its own handler: nobody joins
+    /// the worker, so it reports a handler panic on stderr itself.
+    pub(crate) orphaned: AtomicBool,
     /// Counters of the blocked path, on a line of their own.
     waiting: CachePadded<Waiting>,
     wait_lock: Mutex<()>,
@@ -203,6 +206,17 @@ impl<T> Shared<T> {
 
     /// Tells sleeping producers that a buffer was freed (or the batcher
     /// closed).
+    /// Closes the core, lets the worker drain and stop, and wakes blocked
+    /// producers (they get `Closed`).
+    fn begin_close(&self) {
+        self.core.close();
+        self.closing.store(true, SeqCst);
+        self.notify_freed();
+        if let Some(thread) = self.worker.get() {
+            thread.unpark();
+        }
+    }
+
     pub(crate) fn notify_freed(&self) {
         self.waiting.freed.fetch_add(1, SeqCst);
         if self.waiting.sleeping.load(SeqCst) > 0 {
@@ -320,8 +334,9 @@ impl<T: Send + 'static> Builder<T> {
     /// wait on its own batcher: only the handler frees buffers, so an
     /// [`add`](Batcher::add) from inside it waits forever once every buffer
     /// is in use (use [`try_add`](Batcher::try_add), which hands the item
-    /// back), and [`close`](Batcher::close) or dropping the batcher waits
-    /// for the handler to return.
+    /// back). [`close`](Batcher::close) and dropping the batcher from
+    /// inside it close without waiting, and the rest is delivered after it
+    /// returns.
     ///
     /// # Errors
     ///
@@ -369,6 +384,7 @@ impl<T: Send + 'static> Builder<T> {
             worker_idle: AtomicBool::new(false),
             worker: OnceLock::new(),
             closing: AtomicBool::new(false),
+            orphaned: AtomicBool::new(false),
             waiting: CachePadded::new(Waiting {
                 blocked: AtomicUsize::new(0),
                 sleeping: AtomicUsize::new(0),
@@ -740,21 +756,26 @@ impl<T> Batcher<T> {
     ///
     /// Producers blocked in `add` get [`Closed`] with their item back.
     ///
+    /// Called from inside the handler, it cannot wait for the handler: it
+    /// closes the batcher and returns at once with what was delivered
+    /// before this batch. The batches still queued are delivered after the
+    /// handler returns; a later call from outside the handler waits for
+    /// them and returns the final outcome.
+    ///
     /// # Errors
     ///
     /// [`HandlerPanicked`] if the handler panicked: it says with what
     /// message and how many items were dropped because of it.
     pub fn close(&self) -> Result<Report, HandlerPanicked> {
+        let shared = &*self.shared;
+        if crate::worker::in_handler(shared) {
+            shared.begin_close();
+            return Ok(shared.delivered());
+        }
         let mut worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
-        let handle = worker.take();
         let outcome = self.outcome.get_or_init(|| {
-            let shared = &*self.shared;
-            shared.core.close();
-            shared.closing.store(true, SeqCst);
-            shared.notify_freed();
-            if let Some(thread) = shared.worker.get() {
-                thread.unpark();
-            }
+            let handle = worker.take();
+            shared.begin_close();
             match handle.map(JoinHandle::join) {
                 Some(Ok(outcome)) => outcome,
                 // The worker catches handler panics; this is a panic in the
@@ -777,7 +798,17 @@ impl<T> Batcher<T> {
 impl<T> Drop for Batcher<T> {
     /// Closes the batcher: every accepted item is delivered first. A handler
     /// panic is reported on stderr, as nobody is left to receive the error.
+    ///
+    /// Dropped inside its own handler (the handler held the last `Arc`), it
+    /// does not wait: the worker delivers what is queued once the handler
+    /// returns, and then ends on its own.
     fn drop(&mut self) {
+        let shared = &*self.shared;
+        if crate::worker::in_handler(shared) {
+            shared.orphaned.store(true, SeqCst);
+            shared.begin_close();
+            return; // the worker's handle is dropped: it runs on, detached
+        }
         let first = self.outcome.get().is_none();
         if let Err(e) = self.close() {
             if first {

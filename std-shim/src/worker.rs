@@ -2,6 +2,7 @@
 //! batches when their linger runs out, and sleeps when there is nothing to do.
 
 use std::any::Any;
+use std::cell::Cell;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::*;
@@ -88,7 +89,9 @@ impl<T> Consumer<T> {
             return false;
         };
         let items = batch.len() as u64;
+        let outer = HANDLING.replace(shared as *const Shared<T> as usize);
         let outcome = handle.handle(batch);
+        HANDLING.set(outer);
         shared.notify_freed();
         match outcome {
             Ok(ok) => {
@@ -107,6 +110,18 @@ impl<T> Consumer<T> {
             }
         }
     }
+}
+
+thread_local! {
+    /// The batcher (its `Shared`'s address) whose handler this thread is
+    /// running, or 0.
+    static HANDLING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// `true` if this thread is running `shared`'s handler (so it must not wait
+/// for the handler).
+pub(crate) fn in_handler<T>(shared: &Shared<T>) -> bool {
+    HANDLING.get() == shared as *const Shared<T> as usize
 }
 
 /// Called by a producer blocked for a buffer, with helping on: handles the
@@ -133,7 +148,7 @@ pub(crate) fn run<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
     // Outside the lock: its destructor may take long. A panic there is the
     // handler's too, reported with what was delivered (nothing is dropped:
     // every batch was handled).
-    match catch_unwind(AssertUnwindSafe(|| drop(handle))) {
+    let outcome = match catch_unwind(AssertUnwindSafe(|| drop(handle))) {
         Ok(()) => outcome,
         Err(payload) => Err(outcome.err().unwrap_or_else(|| HandlerPanicked {
             message: panic_message(&*payload),
@@ -141,7 +156,12 @@ pub(crate) fn run<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
             dropped_items: 0,
             report: shared.delivered(),
         })),
+    };
+    // Dropped inside its handler: nobody joins this thread.
+    if let (true, Err(e)) = (shared.orphaned.load(SeqCst), &outcome) {
+        eprintln!("snail-std: {e}");
     }
+    outcome
 }
 
 /// The worker's loop; returns when the batcher is closed and drained, or

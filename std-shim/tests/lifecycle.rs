@@ -124,6 +124,99 @@ fn close_twice_returns_the_same_outcome() {
     drop(b); // a third close, through drop
 }
 
+/// A batcher whose handler, on its first batch, takes a handle to the
+/// batcher, waits until the gate opens and passes the handle to
+/// `on_first`; every batch's items go to the returned receiver, which
+/// disconnects when the worker drops the handler.
+type SelfAware = (Arc<Batcher<u32>>, Gate, mpsc::Receiver<Vec<u32>>);
+
+/// The handler's first call: `held` says it holds the batcher, `open` lets
+/// it go on.
+struct Gate {
+    held: mpsc::Receiver<()>,
+    open: mpsc::Sender<()>,
+}
+
+fn self_aware(on_first: impl FnOnce(Arc<Batcher<u32>>) + Send + 'static) -> SelfAware {
+    let me = Arc::new(std::sync::OnceLock::<std::sync::Weak<Batcher<u32>>>::new());
+    let (held_tx, held_rx) = mpsc::channel();
+    let (gate_tx, gate_rx) = mpsc::channel();
+    let (items_tx, items_rx) = mpsc::channel();
+    let mut on_first = Some(on_first);
+    let handler_me = Arc::clone(&me);
+    let b = Arc::new(
+        Batcher::<u32>::builder()
+            .batch_size(1)
+            .queue_size(10)
+            .shards(1)
+            .linger(Duration::MAX)
+            .help_when_blocked(snail_std::Help::Never)
+            .spawn(move |batch| {
+                if let Some(f) = on_first.take() {
+                    let me = handler_me.get().unwrap().upgrade().unwrap();
+                    held_tx.send(()).unwrap();
+                    gate_rx.recv().unwrap();
+                    f(me);
+                }
+                items_tx.send(batch.drain().collect()).unwrap();
+                Ok::<(), String>(())
+            })
+            .unwrap(),
+    );
+    me.set(Arc::downgrade(&b)).unwrap();
+    let gate = Gate {
+        held: held_rx,
+        open: gate_tx,
+    };
+    (b, gate, items_rx)
+}
+
+/// The handler closes its own batcher: the call returns at once (it cannot
+/// wait for the handler), later adds are refused, and the batches queued
+/// before are still delivered. (Fixed bug: it joined its own thread, which
+/// panicked, and the queued items were dropped as after a handler panic.)
+#[test]
+fn close_from_inside_the_handler_returns_at_once_and_loses_nothing() {
+    watchdog(Duration::from_secs(60), || {
+        let (closed_tx, closed_rx) = mpsc::channel();
+        let (b, gate, items) = self_aware(move |me| {
+            closed_tx.send(me.close()).unwrap();
+        });
+        for i in 0..5 {
+            b.add(i).unwrap(); // the first is held by the handler, 4 queue
+        }
+        gate.held.recv().unwrap();
+        gate.open.send(()).unwrap();
+        let inside = closed_rx.recv().unwrap().expect("no panic");
+        assert_eq!(inside.items, 0, "nothing was delivered before");
+        assert!(matches!(b.add(9), Err(Closed(9))));
+        let report = b.close().expect("no panic");
+        assert_eq!((report.items, report.batches), (5, 5));
+        let got: Vec<u32> = items.iter().flatten().collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    });
+}
+
+/// The handler holds the last handle and drops it: the batcher closes
+/// without waiting, and the worker delivers everything queued, then ends.
+/// (Fixed bug: the drop joined the worker from the worker; every queued
+/// item was lost without a word.)
+#[test]
+fn dropping_the_last_handle_inside_the_handler_delivers_everything() {
+    watchdog(Duration::from_secs(60), || {
+        let (b, gate, items) = self_aware(drop);
+        for i in 0..5 {
+            b.add(i).unwrap();
+        }
+        gate.held.recv().unwrap();
+        drop(b); // not the last handle: the handler holds one
+        gate.open.send(()).unwrap();
+        // Disconnects once the worker has ended and dropped the handler.
+        let got: Vec<u32> = items.iter().flatten().collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    });
+}
+
 #[test]
 fn add_after_close_hands_back_the_same_item() {
     let (b, out) = collecting(Duration::MAX);
