@@ -513,7 +513,13 @@ impl<T> Batcher<T> {
         }
         if sealed {
             self.shared.wake_worker();
-            route::after_seal(&self.shared, opened);
+            // Not from inside the handler: it may run on a producer blocked
+            // in an add (helping), which then retries on the shard it picked
+            // before; moving the route under it would put that item behind
+            // the thread's later items on the new shard.
+            if !crate::worker::in_handler(&self.shared) {
+                route::after_seal(&self.shared, opened);
+            }
         }
     }
 
