@@ -168,10 +168,13 @@ impl Default for BiasSlot {
 /// - A `light()` in one thread and a `heavy()` in another order memory like two
 ///   `fence(SeqCst)`: when each thread stores, then fences, then loads what
 ///   the other stored, at least one of the loads sees the other's store.
-///   This is needed only in a thread that a lock made an owner, which it
-///   does only after [`grant`](Self::grant) returned `true` in that
-///   thread: from then on. (A lock may run `light()` in other threads too;
-///   what they read after it sends them the slow way.)
+///   This is needed in every thread that uses a slot that a lock made its
+///   owner: the thread in which [`grant`](Self::grant) returned `true`,
+///   from then on, and any later thread that the slot passes to (it
+///   inherits the ownership, without a `grant` of its own). So a `grant`
+///   that sets the fences up must set them up for every such thread (a
+///   process-wide registration does). A lock may run `light()` in other
+///   threads too; what they read after it sends them the slow way.
 pub unsafe trait Bias {
     /// The calling thread's slot.
     fn slot() -> &'static BiasSlot;

@@ -30,6 +30,11 @@ static MEMBARRIER: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// so does every heavy fence, so `ThreadBias` is correct without it: until
 /// a thread reads `EXPEDITED`, its `grant` is `false` and no lock makes it
 /// an owner that relies on the light fence.
+///
+/// The first answer stays: two threads may get different ones (a seccomp
+/// filter is per thread), and a later `UNAVAILABLE` stored over
+/// `EXPEDITED` would turn heavy fences into plain fences under owners that
+/// rely on the system call.
 pub(crate) fn init() {
     if MEMBARRIER.load(Acquire) == UNKNOWN {
         let state = if sys::register() {
@@ -37,7 +42,7 @@ pub(crate) fn init() {
         } else {
             UNAVAILABLE
         };
-        MEMBARRIER.store(state, Release);
+        let _ = MEMBARRIER.compare_exchange(UNKNOWN, state, AcqRel, Acquire);
     }
 }
 
@@ -137,17 +142,18 @@ pub struct ThreadBias;
 // thread-locals are destroyed; the pool's mutex orders the hand-over to a
 // later thread. A thread whose slot is already gone (a lock taken by
 // another thread-local's destructor) gets a new slot on every call, which
-// nobody else ever uses. The fences: the pair is needed only in a thread
-// that a lock made an owner, so whose `grant` read `EXPEDITED`. That is
-// final (the state moves from `UNKNOWN` to one value, and probing gives
-// the same answer every time): the process is registered, and a heavy
-// fence, which probes first if it reads `UNKNOWN`, issues the system call.
-// That makes every other running thread of the process execute a full
-// barrier before it returns (and a thread that is not running was switched
-// out, which is a full barrier), so a compiler fence on the light side
-// pairs with it like two SeqCst fences. Without `membarrier` no lock is
-// biased, so no owner relies on `light`, and `heavy` (which only revokes
-// an owner) never runs.
+// nobody else ever uses. The fences: the pair is needed only in threads
+// using a slot that a lock made its owner, which it did after some `grant`
+// read `EXPEDITED`. That is final (the state moves from `UNKNOWN` to one
+// value, by a compare-exchange: the first answer stays): the process is
+// registered, for every thread in it (also one that inherits a slot from
+// the pool), and a heavy fence, which probes first if it reads `UNKNOWN`,
+// issues the system call. That makes every other running thread of the
+// process execute a full barrier before it returns (and a thread that is
+// not running was switched out, which is a full barrier), so a compiler
+// fence on the light side pairs with it like two SeqCst fences. Without
+// `membarrier` no lock is biased, so no owner relies on `light`, and
+// `heavy` (which only revokes an owner) never runs.
 unsafe impl Bias for ThreadBias {
     #[inline(always)]
     fn slot() -> &'static BiasSlot {
