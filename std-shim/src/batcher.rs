@@ -123,6 +123,9 @@ pub(crate) struct Shared<T> {
     /// Set when the batcher was dropped inside its own handler: nobody joins
     /// the worker, so it reports a handler panic on stderr itself.
     pub(crate) orphaned: AtomicBool,
+    /// The number (`bias::thread_number`) of the thread running the handler
+    /// or dropping it, or 0: see `worker::in_handler`.
+    pub(crate) handling: AtomicUsize,
     /// Counters of the blocked path, on a line of their own.
     waiting: CachePadded<Waiting>,
     wait_lock: Mutex<()>,
@@ -385,6 +388,7 @@ impl<T: Send + 'static> Builder<T> {
             worker: OnceLock::new(),
             closing: AtomicBool::new(false),
             orphaned: AtomicBool::new(false),
+            handling: AtomicUsize::new(0),
             waiting: CachePadded::new(Waiting {
                 blocked: AtomicUsize::new(0),
                 sleeping: AtomicUsize::new(0),
@@ -805,9 +809,11 @@ impl<T> Drop for Batcher<T> {
     /// Closes the batcher: every accepted item is delivered first. A handler
     /// panic is reported on stderr, as nobody is left to receive the error.
     ///
-    /// Dropped inside its own handler (the handler held the last `Arc`), it
-    /// does not wait: the worker delivers what is queued once the handler
-    /// returns, and then ends on its own.
+    /// Dropped inside its own handler (the handler held the last `Arc`), or
+    /// with the handler, it does not wait: the worker delivers what is
+    /// queued once the handler returns, and then ends on its own (a process
+    /// that exits before then loses those items, as with any detached
+    /// thread).
     fn drop(&mut self) {
         let shared = &*self.shared;
         if crate::worker::in_handler(shared) {

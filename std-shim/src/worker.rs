@@ -2,7 +2,6 @@
 //! batches when their linger runs out, and sleeps when there is nothing to do.
 
 use std::any::Any;
-use std::cell::Cell;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::*;
@@ -10,6 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::batcher::{Batch, ErrorHook, Report, Shared};
+use crate::bias::thread_number;
 use crate::error::HandlerPanicked;
 
 /// The longest the worker parks without a deadline (a safety net: producers
@@ -89,9 +89,9 @@ impl<T> Consumer<T> {
             return false;
         };
         let items = batch.len() as u64;
-        let outer = HANDLING.replace(shared as *const Shared<T> as usize);
+        shared.handling.store(thread_number(), Relaxed);
         let outcome = handle.handle(batch);
-        HANDLING.set(outer);
+        shared.handling.store(0, Relaxed);
         shared.notify_freed();
         match outcome {
             Ok(ok) => {
@@ -112,16 +112,13 @@ impl<T> Consumer<T> {
     }
 }
 
-thread_local! {
-    /// The batcher (its `Shared`'s address) whose handler this thread is
-    /// running, or 0.
-    static HANDLING: Cell<usize> = const { Cell::new(0) };
-}
-
-/// `true` if this thread is running `shared`'s handler (so it must not wait
-/// for the handler).
+/// `true` if this thread is running `shared`'s handler, or dropping it (so
+/// it must not wait for the handler or join the worker). Also from a
+/// handler of another batcher that this one's handler called into.
 pub(crate) fn in_handler<T>(shared: &Shared<T>) -> bool {
-    HANDLING.get() == shared as *const Shared<T> as usize
+    // Only this thread stores its own number there, and clears it before
+    // it stops handling: a stale read is never this thread's number.
+    shared.handling.load(Relaxed) == thread_number()
 }
 
 /// Called by a producer blocked for a buffer, with helping on: handles the
@@ -145,10 +142,14 @@ pub(crate) fn help<T>(shared: &Shared<T>) -> bool {
 pub(crate) fn run<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
     let outcome = work(shared);
     let handle = shared.lock_consumer().handle.take();
-    // Outside the lock: its destructor may take long. A panic there is the
-    // handler's too, reported with what was delivered (nothing is dropped:
-    // every batch was handled).
-    let outcome = match catch_unwind(AssertUnwindSafe(|| drop(handle))) {
+    // Outside the lock: its destructor may take long, and may drop the
+    // last handle to the batcher, which must then not join this thread. A
+    // panic there is the handler's too, reported with what was delivered
+    // (nothing is dropped: every batch was handled).
+    shared.handling.store(thread_number(), Relaxed);
+    let dropped = catch_unwind(AssertUnwindSafe(|| drop(handle)));
+    shared.handling.store(0, Relaxed);
+    let outcome = match dropped {
         Ok(()) => outcome,
         Err(payload) => Err(outcome.err().unwrap_or_else(|| HandlerPanicked {
             message: panic_message(&*payload),

@@ -217,6 +217,129 @@ fn dropping_the_last_handle_inside_the_handler_delivers_everything() {
     });
 }
 
+/// Panics seen on threads named `name`, from the moment this is called (a
+/// process-wide hook that passes every panic on to the previous one).
+fn panics_on(name: &'static str) -> Arc<Mutex<Vec<String>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some(name) {
+            record.lock().unwrap().push(info.to_string());
+        }
+        previous(info);
+    }));
+    seen
+}
+
+/// The handler closes its batcher from inside and keeps a handle to it,
+/// which is the last when the worker drops the handler after the last
+/// batch: the batcher's drop runs on the worker and must not join it.
+/// (Fixed bug: it joined its own thread, which panicked.)
+#[test]
+fn a_handler_holding_the_last_handle_is_dropped_without_a_self_join() {
+    let panics = panics_on("snail-self-holder");
+    watchdog(Duration::from_secs(60), move || {
+        let me = Arc::new(std::sync::OnceLock::<std::sync::Weak<Batcher<u32>>>::new());
+        let (held_tx, held_rx) = mpsc::channel::<()>();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let (items_tx, items_rx) = mpsc::channel();
+        let handler_me = Arc::clone(&me);
+        let mut held = None;
+        let b = Arc::new(
+            Batcher::<u32>::builder()
+                .batch_size(1)
+                .queue_size(10)
+                .shards(1)
+                .linger(Duration::MAX)
+                .name("snail-self-holder")
+                .help_when_blocked(snail_std::Help::Never)
+                .spawn(move |batch| {
+                    if held.is_none() {
+                        let b = handler_me.get().unwrap().upgrade().unwrap();
+                        held_tx.send(()).unwrap();
+                        gate_rx.recv().unwrap();
+                        b.close().expect("no panic");
+                        held = Some(b);
+                    }
+                    items_tx.send(batch.drain().collect::<Vec<_>>()).unwrap();
+                    Ok::<(), String>(())
+                })
+                .unwrap(),
+        );
+        me.set(Arc::downgrade(&b)).unwrap();
+        for i in 0..5 {
+            b.add(i).unwrap();
+        }
+        held_rx.recv().unwrap();
+        drop(b); // the handler's handle is now the last
+        gate_tx.send(()).unwrap();
+        // Disconnects once the worker has dropped the handler.
+        let got: Vec<u32> = items_rx.iter().flatten().collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let seen = panics.lock().unwrap();
+    assert!(seen.is_empty(), "panics on the worker: {seen:?}");
+}
+
+/// A's handler adds to B and, blocked, runs B's handler (helping), which
+/// closes A: that is still inside A's handler, so it must not wait.
+/// (Fixed bug: only the innermost handler was known, and A's close joined
+/// A's worker from itself; a later close returned an empty report at once.)
+#[test]
+fn closing_a_batcher_from_a_nested_handler_returns_at_once() {
+    watchdog(Duration::from_secs(60), || {
+        let a_cell = Arc::new(std::sync::OnceLock::<Arc<Batcher<u32>>>::new());
+        let (closed_tx, closed_rx) = mpsc::channel();
+        let cell = Arc::clone(&a_cell);
+        let b = Arc::new(
+            Batcher::<u32>::builder()
+                .batch_size(1)
+                .queue_size(0)
+                .shards(1)
+                .linger(Duration::MAX)
+                .help_when_blocked(snail_std::Help::Always)
+                .spawn(move |_| {
+                    if std::thread::current().name() == Some("snail-outer") {
+                        let _ = closed_tx.send(cell.get().unwrap().close());
+                    }
+                    Ok::<(), String>(())
+                })
+                .unwrap(),
+        );
+        let inner = Arc::clone(&b);
+        let outer = Arc::clone(&a_cell);
+        let a = Arc::new(
+            Batcher::<u32>::builder()
+                .batch_size(1)
+                .shards(1)
+                .name("snail-outer")
+                .help_when_blocked(snail_std::Help::Never)
+                .spawn(move |_| {
+                    // Until one of these adds blocks and helps B, whose
+                    // handler then closes A.
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while !outer.get().unwrap().is_closed() && Instant::now() < deadline {
+                        inner.add(0).unwrap();
+                    }
+                    Ok::<(), String>(())
+                })
+                .unwrap(),
+        );
+        a_cell.set(Arc::clone(&a)).ok().unwrap();
+        a.add(1).unwrap();
+        a.flush();
+        let inside = closed_rx
+            .recv_timeout(Duration::from_secs(40))
+            .expect("A's worker never ran B's handler");
+        assert_eq!(inside.expect("no panic").items, 0);
+        let report = a.close().expect("no panic");
+        assert_eq!((report.items, report.batches), (1, 1));
+        b.close().expect("no panic");
+    });
+}
+
 #[test]
 fn add_after_close_hands_back_the_same_item() {
     let (b, out) = collecting(Duration::MAX);
