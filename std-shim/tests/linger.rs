@@ -217,7 +217,6 @@ fn lone_item_after_a_full_batch_still_lingers() {
 fn items_before_a_panicking_iterator_in_add_many_still_linger() {
     let (b, rx) = batcher(LINGER);
     std::thread::sleep(Duration::from_millis(30)); // the worker parks
-    let t0 = Instant::now();
     let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut n = 0;
         b.add_many(std::iter::from_fn(|| {
@@ -229,6 +228,9 @@ fn items_before_a_panicking_iterator_in_add_many_still_linger() {
         }))
     }));
     assert!(unwound.is_err());
+    // From the end of the unwind: the panic hook before it may take long
+    // (a backtrace under ThreadSanitizer takes seconds).
+    let t0 = Instant::now();
     let (_, full) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     let (at, partial) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     let latency = at - t0;
