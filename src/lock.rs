@@ -215,6 +215,32 @@ const PAID_OFF: usize = 4096;
 #[cfg(snail_loom)]
 const PAID_OFF: usize = 1;
 
+/// A value no `owner` or slot ever holds: ids and lock addresses are
+/// aligned, `UNBIASED` is 0 and `REVOKING` is `usize::MAX`.
+#[cfg(all(snail_loom, snail_loom_dekker))]
+const NEVER_STORED: usize = usize::MAX - 1;
+
+/// The load after a light or heavy fence: the owner's read of `owner`, the
+/// revoker's read of the owner's slot.
+///
+/// Under `--cfg snail_loom --cfg snail_loom_dekker` the fences do nothing
+/// and this is a compare-exchange that always fails, which in loom reads
+/// the newest value. That models what the fence pair guarantees (of two
+/// threads that each store, fence, then load what the other stored, at
+/// least one sees the other's store) without the happens-before edges that
+/// the default model's read-modify-writes add and a compiler fence paired
+/// with `membarrier` does not: ordering must then come from the lock's own
+/// Release and Acquire operations.
+#[inline(always)]
+fn fenced_load(word: &AtomicUsize, order: Ordering) -> usize {
+    #[cfg(all(snail_loom, snail_loom_dekker))]
+    match word.compare_exchange(NEVER_STORED, NEVER_STORED, order, order) {
+        Ok(v) | Err(v) => v,
+    }
+    #[cfg(not(all(snail_loom, snail_loom_dekker)))]
+    word.load(order)
+}
+
 /// A thread's identity for a lock: its slot's address (never 0 or
 /// `usize::MAX`).
 #[inline(always)]
@@ -261,8 +287,9 @@ pub struct BiasedLock<B, R = Spin> {
     streak: AtomicUsize,
     threshold: AtomicUsize,
     /// Under loom, the fences are read-modify-writes of this word, which
-    /// order memory the way `light` and `heavy` are required to.
-    #[cfg(snail_loom)]
+    /// order memory the way `light` and `heavy` are required to (and more:
+    /// see [`fenced_load`] for the other model).
+    #[cfg(all(snail_loom, not(snail_loom_dekker)))]
     fence: AtomicUsize,
     _marker: PhantomData<(fn() -> B, R)>,
 }
@@ -279,7 +306,7 @@ impl<B, R> BiasedLock<B, R> {
                 last: AtomicUsize::new(UNBIASED),
                 streak: AtomicUsize::new(0),
                 threshold: AtomicUsize::new(FIRST_THRESHOLD),
-                #[cfg(snail_loom)]
+                #[cfg(all(snail_loom, not(snail_loom_dekker)))]
                 fence: AtomicUsize::new(0),
                 _marker: PhantomData,
             }
@@ -364,7 +391,7 @@ impl<B, R> BiasedLock<B, R> {
 impl<B: Bias, R: Relax> BiasedLock<B, R> {
     #[inline(always)]
     fn light(&self) {
-        #[cfg(snail_loom)]
+        #[cfg(all(snail_loom, not(snail_loom_dekker)))]
         self.fence.fetch_add(0, Ordering::AcqRel);
         #[cfg(not(snail_loom))]
         B::light();
@@ -372,7 +399,7 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
 
     #[inline(always)]
     fn heavy(&self) {
-        #[cfg(snail_loom)]
+        #[cfg(all(snail_loom, not(snail_loom_dekker)))]
         self.fence.fetch_add(0, Ordering::AcqRel);
         #[cfg(not(snail_loom))]
         B::heavy();
@@ -462,7 +489,7 @@ impl<B: Bias, R: Relax> BiasedLock<B, R> {
         let here = self.addr();
         // Acquire: every store to a slot is Release, and each follows the
         // closures its thread ran before it.
-        while slot.inside.load(Ordering::Acquire) == here {
+        while fenced_load(&slot.inside, Ordering::Acquire) == here {
             crate::sync::relax::<R>();
         }
         let entries = self.entries.load(Ordering::Relaxed);
@@ -514,7 +541,7 @@ unsafe impl<B: Bias, R: Relax> RawLock for BiasedLock<B, R> {
         let _leave = if slot.inside.load(Ordering::Relaxed) == 0 {
             slot.inside.store(self.addr(), Ordering::Release);
             self.light();
-            if self.owner.load(Ordering::Relaxed) == id(slot) {
+            if fenced_load(&self.owner, Ordering::Relaxed) == id(slot) {
                 // Counted inside the lock: a revoker waits until we leave.
                 let n = self.entries.load(Ordering::Relaxed);
                 self.entries.store(n.wrapping_add(1), Ordering::Relaxed);
