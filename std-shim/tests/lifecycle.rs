@@ -340,6 +340,60 @@ fn closing_a_batcher_from_a_nested_handler_returns_at_once() {
     });
 }
 
+/// A producer blocked in `add` runs the handler (helping), which closes the
+/// batcher: the close returns at once, the producer's item comes back as
+/// `Closed`, and the owner's close still reports every accepted item.
+/// (Before, the helper joined the worker, which waited for the handler
+/// lock the helper held: a deadlock.)
+#[test]
+fn close_from_a_handler_running_on_a_helping_producer_returns_at_once() {
+    watchdog(Duration::from_secs(60), || {
+        let me = Arc::new(std::sync::OnceLock::<std::sync::Weak<Batcher<u64>>>::new());
+        let handler_me = Arc::clone(&me);
+        let (closed_tx, closed_rx) = mpsc::channel();
+        let b = Arc::new(
+            Batcher::<u64>::builder()
+                .batch_size(1)
+                .queue_size(0)
+                .shards(1)
+                .help_when_blocked(snail_std::Help::Always)
+                .spawn(move |_| {
+                    let on_worker = std::thread::current().name() == Some("snail-worker");
+                    if !on_worker {
+                        if let Some(b) = handler_me.get().and_then(|w| w.upgrade()) {
+                            let _ = closed_tx.send(b.close());
+                        }
+                    }
+                    Ok::<(), String>(())
+                })
+                .unwrap(),
+        );
+        me.set(Arc::downgrade(&b)).unwrap();
+        let accepted = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for i in 0..1_000_000 {
+                        match b.add(i) {
+                            Ok(()) => accepted.fetch_add(1, SeqCst),
+                            Err(Closed(back)) => {
+                                assert_eq!(back, i);
+                                return;
+                            }
+                        };
+                    }
+                });
+            }
+        });
+        let inside = closed_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no producer ever helped");
+        inside.expect("no panic");
+        let report = b.close().expect("no panic");
+        assert_eq!(report.items, accepted.load(SeqCst) as u64);
+    });
+}
+
 #[test]
 fn add_after_close_hands_back_the_same_item() {
     let (b, out) = collecting(Duration::MAX);
