@@ -126,9 +126,13 @@ fn close_twice_returns_the_same_outcome() {
 
 /// A batcher whose handler, on its first batch, takes a handle to the
 /// batcher, waits until the gate opens and passes the handle to
-/// `on_first`; every batch's items go to the returned receiver, which
-/// disconnects when the worker drops the handler.
+/// `on_first`, keeping whatever that returns; every batch's items go to the
+/// returned receiver, which disconnects when the worker drops the handler.
+/// Its worker is named [`SELF_AWARE`].
 type SelfAware = (Arc<Batcher<u32>>, Gate, mpsc::Receiver<Vec<u32>>);
+
+/// The name of [`self_aware`]'s worker.
+const SELF_AWARE: &str = "snail-self-aware";
 
 /// The handler's first call: `held` says it holds the batcher, `open` lets
 /// it go on.
@@ -137,12 +141,15 @@ struct Gate {
     open: mpsc::Sender<()>,
 }
 
-fn self_aware(on_first: impl FnOnce(Arc<Batcher<u32>>) + Send + 'static) -> SelfAware {
+fn self_aware(
+    on_first: impl FnOnce(Arc<Batcher<u32>>) -> Option<Arc<Batcher<u32>>> + Send + 'static,
+) -> SelfAware {
     let me = Arc::new(std::sync::OnceLock::<std::sync::Weak<Batcher<u32>>>::new());
     let (held_tx, held_rx) = mpsc::channel();
     let (gate_tx, gate_rx) = mpsc::channel();
     let (items_tx, items_rx) = mpsc::channel();
     let mut on_first = Some(on_first);
+    let mut kept = None;
     let handler_me = Arc::clone(&me);
     let b = Arc::new(
         Batcher::<u32>::builder()
@@ -150,13 +157,14 @@ fn self_aware(on_first: impl FnOnce(Arc<Batcher<u32>>) + Send + 'static) -> Self
             .queue_size(10)
             .shards(1)
             .linger(Duration::MAX)
+            .name(SELF_AWARE)
             .help_when_blocked(snail_std::Help::Never)
             .spawn(move |batch| {
                 if let Some(f) = on_first.take() {
                     let me = handler_me.get().unwrap().upgrade().unwrap();
                     held_tx.send(()).unwrap();
                     gate_rx.recv().unwrap();
-                    f(me);
+                    kept = f(me);
                 }
                 items_tx.send(batch.drain().collect()).unwrap();
                 Ok::<(), String>(())
@@ -181,6 +189,7 @@ fn close_from_inside_the_handler_returns_at_once_and_loses_nothing() {
         let (closed_tx, closed_rx) = mpsc::channel();
         let (b, gate, items) = self_aware(move |me| {
             closed_tx.send(me.close()).unwrap();
+            None
         });
         for i in 0..5 {
             b.add(i).unwrap(); // the first is held by the handler, 4 queue
@@ -204,7 +213,7 @@ fn close_from_inside_the_handler_returns_at_once_and_loses_nothing() {
 #[test]
 fn dropping_the_last_handle_inside_the_handler_delivers_everything() {
     watchdog(Duration::from_secs(60), || {
-        let (b, gate, items) = self_aware(drop);
+        let (b, gate, items) = self_aware(|_| None);
         for i in 0..5 {
             b.add(i).unwrap();
         }
@@ -238,44 +247,20 @@ fn panics_on(name: &'static str) -> Arc<Mutex<Vec<String>>> {
 /// (Fixed bug: it joined its own thread, which panicked.)
 #[test]
 fn a_handler_holding_the_last_handle_is_dropped_without_a_self_join() {
-    let panics = panics_on("snail-self-holder");
+    let panics = panics_on(SELF_AWARE);
     watchdog(Duration::from_secs(60), move || {
-        let me = Arc::new(std::sync::OnceLock::<std::sync::Weak<Batcher<u32>>>::new());
-        let (held_tx, held_rx) = mpsc::channel::<()>();
-        let (gate_tx, gate_rx) = mpsc::channel::<()>();
-        let (items_tx, items_rx) = mpsc::channel();
-        let handler_me = Arc::clone(&me);
-        let mut held = None;
-        let b = Arc::new(
-            Batcher::<u32>::builder()
-                .batch_size(1)
-                .queue_size(10)
-                .shards(1)
-                .linger(Duration::MAX)
-                .name("snail-self-holder")
-                .help_when_blocked(snail_std::Help::Never)
-                .spawn(move |batch| {
-                    if held.is_none() {
-                        let b = handler_me.get().unwrap().upgrade().unwrap();
-                        held_tx.send(()).unwrap();
-                        gate_rx.recv().unwrap();
-                        b.close().expect("no panic");
-                        held = Some(b);
-                    }
-                    items_tx.send(batch.drain().collect::<Vec<_>>()).unwrap();
-                    Ok::<(), String>(())
-                })
-                .unwrap(),
-        );
-        me.set(Arc::downgrade(&b)).unwrap();
+        let (b, gate, items) = self_aware(|me| {
+            me.close().expect("no panic");
+            Some(me)
+        });
         for i in 0..5 {
             b.add(i).unwrap();
         }
-        held_rx.recv().unwrap();
+        gate.held.recv().unwrap();
         drop(b); // the handler's handle is now the last
-        gate_tx.send(()).unwrap();
+        gate.open.send(()).unwrap();
         // Disconnects once the worker has dropped the handler.
-        let got: Vec<u32> = items_rx.iter().flatten().collect();
+        let got: Vec<u32> = items.iter().flatten().collect();
         assert_eq!(got, vec![0, 1, 2, 3, 4]);
     });
     std::thread::sleep(Duration::from_millis(50));
