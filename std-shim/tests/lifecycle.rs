@@ -149,7 +149,8 @@ fn self_aware(
     let (gate_tx, gate_rx) = mpsc::channel();
     let (items_tx, items_rx) = mpsc::channel();
     let mut on_first = Some(on_first);
-    let mut kept = None;
+    // What `on_first` returned: held until the worker drops the handler.
+    let mut kept = Vec::new();
     let handler_me = Arc::clone(&me);
     let b = Arc::new(
         Batcher::<u32>::builder()
@@ -164,7 +165,7 @@ fn self_aware(
                     let me = handler_me.get().unwrap().upgrade().unwrap();
                     held_tx.send(()).unwrap();
                     gate_rx.recv().unwrap();
-                    kept = f(me);
+                    kept.extend(f(me));
                 }
                 items_tx.send(batch.drain().collect()).unwrap();
                 Ok::<(), String>(())
