@@ -207,8 +207,6 @@ impl<T> Shared<T> {
         }
     }
 
-    /// Tells sleeping producers that a buffer was freed (or the batcher
-    /// closed).
     /// Closes the core, lets the worker drain and stop, and wakes blocked
     /// producers (they get `Closed`).
     fn begin_close(&self) {
@@ -220,6 +218,8 @@ impl<T> Shared<T> {
         }
     }
 
+    /// Tells sleeping producers that a buffer was freed (or the batcher
+    /// closed).
     pub(crate) fn notify_freed(&self) {
         self.waiting.freed.fetch_add(1, SeqCst);
         if self.waiting.sleeping.load(SeqCst) > 0 {
