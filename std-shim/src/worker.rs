@@ -89,9 +89,7 @@ impl<T> Consumer<T> {
             return false;
         };
         let items = batch.len() as u64;
-        shared.handling.store(thread_number(), Relaxed);
-        let outcome = handle.handle(batch);
-        shared.handling.store(0, Relaxed);
+        let outcome = as_handler(shared, || handle.handle(batch));
         shared.notify_freed();
         match outcome {
             Ok(ok) => {
@@ -110,6 +108,15 @@ impl<T> Consumer<T> {
             }
         }
     }
+}
+
+/// Runs `f`, which runs or drops `shared`'s handler and does not unwind,
+/// marked as this thread's (see [`in_handler`]).
+fn as_handler<T, R>(shared: &Shared<T>, f: impl FnOnce() -> R) -> R {
+    shared.handling.store(thread_number(), Relaxed);
+    let result = f();
+    shared.handling.store(0, Relaxed);
+    result
 }
 
 /// `true` if this thread is running `shared`'s handler, or dropping it (so
@@ -146,9 +153,7 @@ pub(crate) fn run<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
     // last handle to the batcher, which must then not join this thread. A
     // panic there is the handler's too, reported with what was delivered
     // (nothing is dropped: every batch was handled).
-    shared.handling.store(thread_number(), Relaxed);
-    let dropped = catch_unwind(AssertUnwindSafe(|| drop(handle)));
-    shared.handling.store(0, Relaxed);
+    let dropped = as_handler(shared, || catch_unwind(AssertUnwindSafe(|| drop(handle))));
     let outcome = match dropped {
         Ok(()) => outcome,
         Err(payload) => Err(outcome.err().unwrap_or_else(|| HandlerPanicked {
