@@ -1226,15 +1226,22 @@ fn a_panicking_clone_in_try_add_many_leaves_the_batcher_consistent() {
     assert_eq!(live(), 0);
 }
 
+/// A batcher of 3 buffers of 2 after `try_add_many(items)` (at least 3
+/// items, from 0): 0 and 1 fill a batch, 2 opens the next buffer, and its
+/// clone panics.
+fn first_item_clone_panicked(items: &[Tracked]) -> Batcher<Tracked, 2, 3> {
+    let b = Batcher::new();
+    assert!(panics_cloning(2, || {
+        b.try_add_many(items);
+    }));
+    b
+}
+
 #[test]
 fn a_panicking_clone_of_a_new_buffers_first_item_gives_the_buffer_back() {
     reset();
-    let b: Batcher<Tracked, 2, 3> = Batcher::new();
     let items = tracked(0..4);
-    // 0 and 1 fill a batch; 2 opens the next buffer, and its clone panics.
-    assert!(panics_cloning(2, || {
-        b.try_add_many(&items);
-    }));
+    let b = first_item_clone_panicked(&items);
     assert_eq!(b.len(), 2);
     assert_eq!(b.stats().added, 2);
     assert!(b.has_free(), "the opened buffer went back to the free list");
@@ -1256,11 +1263,8 @@ fn a_panicking_clone_of_a_new_buffers_first_item_gives_the_buffer_back() {
 #[test]
 fn close_refuses_items_after_a_panicking_clone_of_a_first_item() {
     reset();
-    let b: Batcher<Tracked, 2, 3> = Batcher::new();
     let items = tracked(0..3);
-    assert!(panics_cloning(2, || {
-        b.try_add_many(&items);
-    }));
+    let b = first_item_clone_panicked(&items);
     b.close();
     let back = b.try_add(Tracked::new(7)).unwrap_err();
     assert_eq!(back.0 .0, 7, "the item comes back");
