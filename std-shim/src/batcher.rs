@@ -39,9 +39,19 @@ const RECHECK: u32 = 16;
 /// at all.
 const MAX_DEFAULT_SHARDS: usize = 64;
 const MAX_SHARDS: usize = 1024;
-/// A sleeping `add` re-checks at least this often (a safety net; wake-ups
-/// normally come from the worker).
-const SLEEP_SLICE: Duration = Duration::from_millis(100);
+/// At most this many blocked producers spin and yield at one time (the
+/// watch, see `Waiting`); the others sleep. Chosen on 2 and 16 cores: 1 and
+/// 2 lost throughput there, 8 gained nothing.
+const WATCH: usize = 4;
+/// A sleeping `add` re-checks at least this often, and then joins the watch
+/// (a safety net, and a bound on how long a sleeper waits for its turn;
+/// wake-ups normally come from the worker or from a producer leaving the
+/// watch). An hour in the unit tests, so that a lost wake-up hangs them.
+const SLEEP_SLICE: Duration = if cfg!(test) {
+    Duration::from_secs(3600)
+} else {
+    Duration::from_millis(100)
+};
 
 /// What the worker delivered, from [`Batcher::close`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -145,13 +155,23 @@ pub(crate) struct Shared<T> {
 /// What blocked producers and the worker count. Written only on the blocked
 /// path and once per freed buffer, so kept (in a [`CachePadded`]) off the
 /// line that every `add` reads.
+///
+/// Blocked producers keep a *watch*: at most [`WATCH`] of them spin and
+/// yield, looking for a freed buffer; the others sleep on the condvar. So
+/// a freed buffer is taken by a producer that is already awake, the worker
+/// wakes a sleeper only when nobody watches, and the few watchers leave the
+/// lines that the worker writes for each batch alone enough that it keeps
+/// its pace with many producers blocked.
 struct Waiting {
-    /// Producers in the blocked path of `add` (spinning, yielding or asleep).
+    /// Producers in the blocked path of `add` (watching or asleep).
     blocked: AtomicUsize,
-    /// Producers sleeping (or about to) until a buffer is freed.
+    /// Producers on the watch: spinning or yielding, awake.
+    watching: AtomicUsize,
+    /// Producers sleeping (or about to) until they are signalled.
     sleeping: AtomicUsize,
-    /// Bumped whenever a buffer is freed or the batcher closes.
-    freed: AtomicUsize,
+    /// Bumped whenever a buffer is freed, a sleeper is called to the watch,
+    /// or the batcher closes: a sleeper sleeps only while it is unchanged.
+    signals: AtomicUsize,
 }
 
 impl<T> Shared<T> {
@@ -186,10 +206,22 @@ impl<T> Shared<T> {
         }
     }
 
-    /// `true` if a producer is sleeping (or about to) until a buffer is
-    /// freed.
-    pub(crate) fn producers_sleeping(&self) -> bool {
-        self.waiting.sleeping.load(Relaxed) > 0
+    /// Calls one sleeping producer to the watch, if one sleeps.
+    fn wake_one(&self) {
+        self.waiting.signals.fetch_add(1, SeqCst);
+        if self.waiting.sleeping.load(SeqCst) > 0 {
+            self.wake_sleepers(false);
+        }
+    }
+
+    /// Wakes one sleeper on the condvar, or all of them.
+    fn wake_sleepers(&self, all: bool) {
+        let _guard = self.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if all {
+            self.wait_cv.notify_all();
+        } else {
+            self.wait_cv.notify_one();
+        }
     }
 
     /// Locks the handler (a handler panic never poisons it: it is caught
@@ -212,20 +244,32 @@ impl<T> Shared<T> {
     fn begin_close(&self) {
         self.core.close();
         self.closing.store(true, SeqCst);
-        self.notify_freed();
+        self.notify_closed();
         if let Some(thread) = self.worker.get() {
             thread.unpark();
         }
     }
 
-    /// Tells sleeping producers that a buffer was freed (or the batcher
-    /// closed).
+    /// Tells blocked producers that a buffer was freed: a producer on the
+    /// watch takes it; with nobody watching, one sleeper is woken. Once per
+    /// batch, on the thread that ran the handler.
     pub(crate) fn notify_freed(&self) {
-        self.waiting.freed.fetch_add(1, SeqCst);
-        if self.waiting.sleeping.load(SeqCst) > 0 {
-            let _guard = self.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.wait_cv.notify_all();
+        let waiting = &*self.waiting;
+        waiting.signals.fetch_add(1, SeqCst);
+        // SeqCst against a watcher going to sleep (`sleeping` up, then
+        // `watching` down, then `signals` read): either this sees it asleep
+        // with nobody watching and wakes it, or its read of `signals` sees
+        // this buffer, and it retries before sleeping.
+        if waiting.watching.load(SeqCst) == 0 && waiting.sleeping.load(SeqCst) > 0 {
+            self.wake_sleepers(false);
         }
+    }
+
+    /// Wakes every blocked producer: the batcher is closing (they get
+    /// `Closed`).
+    pub(crate) fn notify_closed(&self) {
+        self.waiting.signals.fetch_add(1, SeqCst);
+        self.wake_sleepers(true);
     }
 }
 
@@ -391,8 +435,9 @@ impl<T: Send + 'static> Builder<T> {
             handling: AtomicUsize::new(0),
             waiting: CachePadded::new(Waiting {
                 blocked: AtomicUsize::new(0),
+                watching: AtomicUsize::new(0),
                 sleeping: AtomicUsize::new(0),
-                freed: AtomicUsize::new(0),
+                signals: AtomicUsize::new(0),
             }),
             wait_lock: Mutex::new(()),
             wait_cv: Condvar::new(),
@@ -632,8 +677,9 @@ impl<T> Batcher<T> {
         }
     }
 
-    /// The slow path of a blocked add: spin, yield, then sleep on the
-    /// condvar until the worker frees a buffer, the batcher closes or the
+    /// The slow path of a blocked add: on the watch (spin, then yield),
+    /// or asleep on the condvar when the watch is full or nothing was freed
+    /// for a while, until a buffer is free, the batcher closes or the
     /// deadline passes.
     #[cold]
     fn wait_and_add(&self, item: T, wait: Wait) -> Result<(), TryAddError<T>> {
@@ -642,19 +688,48 @@ impl<T> Batcher<T> {
             Wait::Helping => (None, true),
             Wait::Until(deadline) => (deadline, false),
         };
-        let mut attempts = 0u32;
-        let mut registered = false;
-        let mut seen = 0;
         let (shard, producer) = self.producer();
-        let waiting = &shared.waiting;
+        let waiting = &*shared.waiting;
         waiting.blocked.fetch_add(1, Relaxed);
+        let mut attempts = 0u32;
+        let mut seen = 0;
+        // Join the watch if it has room, else go to sleep: register, then
+        // read `signals`, then retry once (add_with's first attempt); a
+        // buffer freed after the read either shows up in the retry or wakes
+        // a sleeper (see `Shared::notify_freed`).
+        let mut asleep = waiting.watching.fetch_add(1, SeqCst) >= WATCH;
+        if asleep {
+            waiting.sleeping.fetch_add(1, SeqCst);
+            waiting.watching.fetch_sub(1, SeqCst);
+            seen = waiting.signals.load(SeqCst);
+        }
         let result = producer.add_with(item, || loop {
-            attempts += 1;
             if let Some(deadline) = deadline {
                 if Instant::now() >= deadline {
                     return false;
                 }
             }
+            if asleep {
+                let guard = shared.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
+                if waiting.signals.load(SeqCst) == seen {
+                    let slice = match deadline {
+                        Some(d) => d.saturating_duration_since(Instant::now()).min(SLEEP_SLICE),
+                        None => SLEEP_SLICE,
+                    };
+                    let _ = shared.wait_cv.wait_timeout(guard, slice);
+                } else {
+                    drop(guard);
+                }
+                // Signalled, or the slice ran out: back on the watch, even
+                // if it is full (so no sleeper waits longer than a slice
+                // for its turn).
+                waiting.watching.fetch_add(1, SeqCst);
+                waiting.sleeping.fetch_sub(1, SeqCst);
+                asleep = false;
+                attempts = 0;
+                return true;
+            }
+            attempts += 1;
             if attempts <= SPINS {
                 std::hint::spin_loop();
             } else if attempts <= SPINS + YIELDS {
@@ -667,26 +742,12 @@ impl<T> Batcher<T> {
                     return true;
                 }
                 thread::yield_now();
-            } else if !registered {
-                // Register, then read the counter, then retry once: a buffer
-                // freed after this read either shows up in the retry or
-                // wakes us below (the worker sees `sleeping > 0`).
-                waiting.sleeping.fetch_add(1, SeqCst);
-                registered = true;
-                seen = waiting.freed.load(SeqCst);
-                return true;
             } else {
-                let guard = shared.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
-                if waiting.freed.load(SeqCst) == seen {
-                    let slice = match deadline {
-                        Some(d) => d.saturating_duration_since(Instant::now()).min(SLEEP_SLICE),
-                        None => SLEEP_SLICE,
-                    };
-                    let _ = shared.wait_cv.wait_timeout(guard, slice);
-                } else {
-                    drop(guard);
-                }
-                seen = waiting.freed.load(SeqCst);
+                // Nothing freed for a while: sleep (as on entry).
+                waiting.sleeping.fetch_add(1, SeqCst);
+                waiting.watching.fetch_sub(1, SeqCst);
+                asleep = true;
+                seen = waiting.signals.load(SeqCst);
                 return true;
             }
             // Retrying takes the shard lock, and with it the shard's bias
@@ -697,10 +758,17 @@ impl<T> Batcher<T> {
                 return true;
             }
         });
-        if registered {
+        if asleep {
             waiting.sleeping.fetch_sub(1, SeqCst);
+        } else {
+            waiting.watching.fetch_sub(1, SeqCst);
         }
         waiting.blocked.fetch_sub(1, Relaxed);
+        // Leaving the watch empty: call a sleeper to it, so that the worker
+        // need not wake one for the next freed buffer.
+        if waiting.watching.load(SeqCst) == 0 {
+            shared.wake_one();
+        }
         match result {
             Ok(done) => {
                 self.added(shard, done);
@@ -826,6 +894,74 @@ impl<T> Drop for Batcher<T> {
             if first {
                 eprintln!("snail-std: {e}");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// Blocked producers of every kind (`add`, `add_many`, `add_timeout`
+    /// that gives up and retries, helping or not) on a batcher with one
+    /// spare buffer. Here a sleeper is never woken by its slice running out
+    /// (`SLEEP_SLICE` is an hour under `cfg(test)`), so a wake-up that the
+    /// watch loses hangs this test until the 120 s limit fails it.
+    #[test]
+    fn blocked_producers_are_woken_without_the_sleep_slice() {
+        const PRODUCERS: u64 = 24;
+        const PER: u64 = 4000;
+        for help in [Help::Never, Help::Always] {
+            let batcher = Arc::new(
+                Batcher::<u64>::builder()
+                    .batch_size(4)
+                    .queue_size(4)
+                    .shards(2)
+                    .help_when_blocked(help)
+                    .spawn(|batch| {
+                        // Now and then slow, so that producers sleep.
+                        if batch[0] % 64 == 0 {
+                            thread::sleep(Duration::from_micros(200));
+                        }
+                        Ok::<(), String>(())
+                    })
+                    .unwrap(),
+            );
+            let (done_tx, done_rx) = mpsc::channel();
+            for p in 0..PRODUCERS {
+                let (batcher, done_tx) = (Arc::clone(&batcher), done_tx.clone());
+                thread::spawn(move || {
+                    let items = (p * PER..(p + 1) * PER).collect::<Vec<_>>();
+                    match p % 3 {
+                        0 => items.iter().for_each(|&i| batcher.add(i).unwrap()),
+                        1 => items.chunks(7).for_each(|c| {
+                            batcher.add_many(c.iter().copied()).unwrap();
+                        }),
+                        _ => {
+                            for &i in &items {
+                                let mut item = i;
+                                while let Err(e) =
+                                    batcher.add_timeout(item, Duration::from_micros(50))
+                                {
+                                    match e {
+                                        TryAddError::Full(back) => item = back,
+                                        TryAddError::Closed(_) => panic!("closed"),
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    done_tx.send(()).unwrap();
+                });
+            }
+            for p in 0..PRODUCERS {
+                done_rx
+                    .recv_timeout(Duration::from_secs(120))
+                    .unwrap_or_else(|_| panic!("{help:?}: {p} of {PRODUCERS} producers finished"));
+            }
+            let report = batcher.close().unwrap();
+            assert_eq!(report.items, PRODUCERS * PER, "{help:?}");
         }
     }
 }

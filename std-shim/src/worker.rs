@@ -234,10 +234,8 @@ fn work<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
 
         // Under load the next batch is often a few microseconds away, and a
         // park/unpark pair costs the sealing producer a syscall: yield a few
-        // times first, unless producers are already sleeping for a buffer
-        // (oversubscribed: then parking, and being woken, gets the worker
-        // back on a CPU sooner than queueing behind them).
-        if !shared.producers_sleeping() && poll_for_batch(shared) {
+        // times first.
+        if poll_for_batch(shared) {
             continue;
         }
 
@@ -291,7 +289,7 @@ fn fail<T>(
         drop(batch);
     }
     shared.closing.store(true, SeqCst);
-    shared.notify_freed();
+    shared.notify_closed();
     HandlerPanicked {
         message: panic_message(payload),
         batch_items,
