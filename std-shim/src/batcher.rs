@@ -28,10 +28,12 @@ pub(crate) type Core<T> = RawBatcher<T, Storage<T>, Lock, Yield>;
 /// leaves in it is dropped after the handler returns.
 pub type Batch<'a, T> = snail::Batch<'a, T, Storage<T>, Lock, Yield>;
 
-/// Failed attempts spent spinning, then yielding, before a blocked `add`
-/// sleeps.
+/// Failed attempts a blocked `add` on the watch spends spinning...
 const SPINS: u32 = 32;
-const YIELDS: u32 = 200;
+/// ...and then yielding, before it sleeps. A hundred times more in the unit
+/// tests, so that a test can count on a producer staying on the watch for
+/// milliseconds.
+const YIELDS: u32 = if cfg!(test) { 20_000 } else { 200 };
 /// While spinning and yielding, a blocked `add` retries when a buffer is
 /// free, and after this many failed attempts without one.
 const RECHECK: u32 = 16;
@@ -963,5 +965,69 @@ mod tests {
             let report = batcher.close().unwrap();
             assert_eq!(report.items, PRODUCERS * PER, "{help:?}");
         }
+    }
+
+    /// Waits (at most 60 s) until `cond` holds.
+    fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < Duration::from_secs(60), "never: {what}");
+            thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// A producer that leaves the watch empty calls a sleeper to it. Here
+    /// five producers sleep, a sixth watches, and the worker frees every
+    /// buffer while it watches (so the worker wakes nobody). The watcher
+    /// takes one buffer and leaves room in it; only its call wakes the
+    /// sleepers, since nothing else is sealed (no linger) and the sleep
+    /// slice is an hour under `cfg(test)`.
+    #[test]
+    fn a_producer_leaving_the_watch_empty_wakes_a_sleeper() {
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let batcher = Arc::new(
+            Batcher::<u64>::builder()
+                .batch_size(2)
+                .queue_size(4)
+                .shards(1)
+                .linger(Duration::MAX)
+                .help_when_blocked(Help::Never)
+                .spawn(move |_batch| {
+                    // The first batch waits for the gate; later ones pass.
+                    let _ = gate_rx.recv();
+                    Ok::<(), String>(())
+                })
+                .unwrap(),
+        );
+        assert_eq!(batcher.buffers(), 3);
+        // A in the handler, B and C sealed: every buffer in use.
+        (0..6).for_each(|i| batcher.add(i).unwrap());
+        let waiting = &*batcher.shared.waiting;
+        let (done_tx, done_rx) = mpsc::channel();
+        let spawn_adder = |item: u64| {
+            let (batcher, done_tx) = (Arc::clone(&batcher), done_tx.clone());
+            thread::spawn(move || {
+                batcher.add(item).unwrap();
+                done_tx.send(item).unwrap();
+            });
+        };
+        for item in 10..15 {
+            spawn_adder(item);
+        }
+        eventually("five producers asleep", || {
+            waiting.sleeping.load(SeqCst) == 5 && waiting.watching.load(SeqCst) == 0
+        });
+        spawn_adder(20);
+        // It watches for milliseconds here (`YIELDS` under `cfg(test)`).
+        eventually("a sixth on the watch", || {
+            waiting.watching.load(SeqCst) == 1
+        });
+        drop(gate_tx);
+        for _ in 0..6 {
+            done_rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a sleeper was never woken");
+        }
+        assert_eq!(batcher.close().unwrap().items, 12);
     }
 }
