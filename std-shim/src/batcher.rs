@@ -694,17 +694,17 @@ impl<T> Batcher<T> {
         let waiting = &*shared.waiting;
         waiting.blocked.fetch_add(1, Relaxed);
         let mut attempts = 0u32;
-        let mut seen = 0;
         // Join the watch if it has room, else go to sleep: register, then
         // read `signals`, then retry once (add_with's first attempt); a
         // buffer freed after the read either shows up in the retry or wakes
-        // a sleeper (see `Shared::notify_freed`).
+        // a sleeper (see `Shared::notify_freed`). On the watch, a change of
+        // `signals` since `seen` calls for a retry.
         let mut asleep = waiting.watching.fetch_add(1, SeqCst) >= WATCH;
         if asleep {
             waiting.sleeping.fetch_add(1, SeqCst);
             waiting.watching.fetch_sub(1, SeqCst);
-            seen = waiting.signals.load(SeqCst);
         }
+        let mut seen = waiting.signals.load(SeqCst);
         let result = producer.add_with(item, || loop {
             if let Some(deadline) = deadline {
                 if Instant::now() >= deadline {
@@ -729,6 +729,7 @@ impl<T> Batcher<T> {
                 waiting.sleeping.fetch_sub(1, SeqCst);
                 asleep = false;
                 attempts = 0;
+                seen = waiting.signals.load(SeqCst);
                 return true;
             }
             attempts += 1;
@@ -754,9 +755,20 @@ impl<T> Batcher<T> {
             }
             // Retrying takes the shard lock, and with it the shard's bias
             // from the producer that fills it: retry while spinning or
-            // yielding only once a buffer is free, and now and then in case
-            // another producer opened one on this shard.
-            if shared.core.has_free() || attempts % RECHECK == 0 || shared.core.is_closed() {
+            // yielding only once a buffer is free (or the batcher closed),
+            // and now and then in case another producer opened one on this
+            // shard. The poll reads `signals`, on the line of this path's
+            // own counters, and the queue's line (which the worker takes for
+            // every batch) only after `signals` changed. Acquire: the worker
+            // frees a buffer before it signals.
+            let now = waiting.signals.load(Acquire);
+            if now != seen {
+                seen = now;
+                if shared.core.has_free() || shared.core.is_closed() {
+                    return true;
+                }
+            }
+            if attempts % RECHECK == 0 {
                 return true;
             }
         });
