@@ -176,6 +176,65 @@ struct Waiting {
     signals: AtomicUsize,
 }
 
+/// A producer's place in the blocked path of `add`: on the watch, or
+/// asleep. Dropped (also when a panic unwinds out of helping), it leaves,
+/// and calls a sleeper to the watch if it leaves that empty.
+struct Blocked<'a, T> {
+    shared: &'a Shared<T>,
+    asleep: bool,
+}
+
+impl<'a, T> Blocked<'a, T> {
+    /// Joins the watch if it has room, else goes to sleep.
+    fn join(shared: &'a Shared<T>) -> Self {
+        let waiting = &*shared.waiting;
+        waiting.blocked.fetch_add(1, Relaxed);
+        let mut me = Self {
+            shared,
+            asleep: false,
+        };
+        if waiting.watching.fetch_add(1, SeqCst) >= WATCH {
+            me.fall_asleep();
+        }
+        me
+    }
+
+    /// From the watch to sleep: registered as a sleeper before it leaves
+    /// the watch, and both before the caller reads `signals` (see
+    /// [`Shared::notify_freed`]).
+    fn fall_asleep(&mut self) {
+        let waiting = &*self.shared.waiting;
+        waiting.sleeping.fetch_add(1, SeqCst);
+        waiting.watching.fetch_sub(1, SeqCst);
+        self.asleep = true;
+    }
+
+    /// From sleep back to the watch.
+    fn wake(&mut self) {
+        let waiting = &*self.shared.waiting;
+        waiting.watching.fetch_add(1, SeqCst);
+        waiting.sleeping.fetch_sub(1, SeqCst);
+        self.asleep = false;
+    }
+}
+
+impl<T> Drop for Blocked<'_, T> {
+    fn drop(&mut self) {
+        let waiting = &*self.shared.waiting;
+        if self.asleep {
+            waiting.sleeping.fetch_sub(1, SeqCst);
+        } else {
+            waiting.watching.fetch_sub(1, SeqCst);
+        }
+        waiting.blocked.fetch_sub(1, Relaxed);
+        // Leaving the watch empty: call a sleeper to it, so that the worker
+        // need not wake one for the next freed buffer.
+        if waiting.watching.load(SeqCst) == 0 {
+            self.shared.wake_one();
+        }
+    }
+}
+
 impl<T> Shared<T> {
     pub(crate) fn now_nanos(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX - 1)
@@ -692,18 +751,13 @@ impl<T> Batcher<T> {
         };
         let (shard, producer) = self.producer();
         let waiting = &*shared.waiting;
-        waiting.blocked.fetch_add(1, Relaxed);
         let mut attempts = 0u32;
         // Join the watch if it has room, else go to sleep: register, then
         // read `signals`, then retry once (add_with's first attempt); a
         // buffer freed after the read either shows up in the retry or wakes
         // a sleeper (see `Shared::notify_freed`). On the watch, a change of
         // `signals` since `seen` calls for a retry.
-        let mut asleep = waiting.watching.fetch_add(1, SeqCst) >= WATCH;
-        if asleep {
-            waiting.sleeping.fetch_add(1, SeqCst);
-            waiting.watching.fetch_sub(1, SeqCst);
-        }
+        let mut me = Blocked::join(shared);
         let mut seen = waiting.signals.load(SeqCst);
         let result = producer.add_with(item, || loop {
             if let Some(deadline) = deadline {
@@ -711,7 +765,7 @@ impl<T> Batcher<T> {
                     return false;
                 }
             }
-            if asleep {
+            if me.asleep {
                 let guard = shared.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
                 if waiting.signals.load(SeqCst) == seen {
                     let slice = match deadline {
@@ -725,9 +779,7 @@ impl<T> Batcher<T> {
                 // Signalled, or the slice ran out: back on the watch, even
                 // if it is full (so no sleeper waits longer than a slice
                 // for its turn).
-                waiting.watching.fetch_add(1, SeqCst);
-                waiting.sleeping.fetch_sub(1, SeqCst);
-                asleep = false;
+                me.wake();
                 attempts = 0;
                 seen = waiting.signals.load(SeqCst);
                 return true;
@@ -747,9 +799,7 @@ impl<T> Batcher<T> {
                 thread::yield_now();
             } else {
                 // Nothing freed for a while: sleep (as on entry).
-                waiting.sleeping.fetch_add(1, SeqCst);
-                waiting.watching.fetch_sub(1, SeqCst);
-                asleep = true;
+                me.fall_asleep();
                 seen = waiting.signals.load(SeqCst);
                 return true;
             }
@@ -772,17 +822,7 @@ impl<T> Batcher<T> {
                 return true;
             }
         });
-        if asleep {
-            waiting.sleeping.fetch_sub(1, SeqCst);
-        } else {
-            waiting.watching.fetch_sub(1, SeqCst);
-        }
-        waiting.blocked.fetch_sub(1, Relaxed);
-        // Leaving the watch empty: call a sleeper to it, so that the worker
-        // need not wake one for the next freed buffer.
-        if waiting.watching.load(SeqCst) == 0 {
-            shared.wake_one();
-        }
+        drop(me);
         match result {
             Ok(done) => {
                 self.added(shard, done);
@@ -919,9 +959,10 @@ mod tests {
 
     /// Blocked producers of every kind (`add`, `add_many`, `add_timeout`
     /// that gives up and retries, helping or not) on a batcher with one
-    /// spare buffer. Here a sleeper is never woken by its slice running out
-    /// (`SLEEP_SLICE` is an hour under `cfg(test)`), so a wake-up that the
-    /// watch loses hangs this test until the 120 s limit fails it.
+    /// spare buffer, with the sleep slice at an hour (`cfg(test)`). A
+    /// coarse check: it hangs (and fails at the 120 s limit) when the worker
+    /// wakes no sleeper at all; the call of a producer leaving the watch
+    /// empty has a test of its own.
     #[test]
     fn blocked_producers_are_woken_without_the_sleep_slice() {
         const PRODUCERS: u64 = 24;
@@ -988,58 +1029,159 @@ mod tests {
         }
     }
 
-    /// A producer that leaves the watch empty calls a sleeper to it. Here
-    /// five producers sleep, a sixth watches, and the worker frees every
-    /// buffer while it watches (so the worker wakes nobody). The watcher
-    /// takes one buffer and leaves room in it; only its call wakes the
-    /// sleepers, since nothing else is sealed (no linger) and the sleep
-    /// slice is an hour under `cfg(test)`.
+    /// A producer that leaves the watch empty calls a sleeper to it, so
+    /// that the worker need not wake one for the next freed buffer. Five
+    /// producers sleep on shard A, W watches on shard B, and every buffer is
+    /// in use. The worker frees one buffer while W watches (so it wakes
+    /// nobody) and then waits in the handler; W takes the buffer and leaves.
+    /// Only W's call can now bring a sleeper to the watch: nothing is freed,
+    /// nothing opened on A, and the sleep slice is an hour here.
     #[test]
-    fn a_producer_leaving_the_watch_empty_wakes_a_sleeper() {
+    fn a_producer_leaving_the_watch_empty_calls_a_sleeper_to_it() {
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let handled = Arc::new(AtomicUsize::new(0));
+        let h = Arc::clone(&handled);
         let batcher = Arc::new(
             Batcher::<u64>::builder()
                 .batch_size(2)
-                .queue_size(4)
-                .shards(1)
+                .queue_size(2)
+                .shards(2)
                 .linger(Duration::MAX)
                 .help_when_blocked(Help::Never)
                 .spawn(move |_batch| {
-                    // The first batch waits for the gate; later ones pass.
+                    // Each of the first two batches waits for a gate.
+                    h.fetch_add(1, SeqCst);
                     let _ = gate_rx.recv();
                     Ok::<(), String>(())
                 })
                 .unwrap(),
         );
         assert_eq!(batcher.buffers(), 3);
-        // A in the handler, B and C sealed: every buffer in use.
-        (0..6).for_each(|i| batcher.add(i).unwrap());
-        let waiting = &*batcher.shared.waiting;
         let (done_tx, done_rx) = mpsc::channel();
-        let spawn_adder = |item: u64| {
-            let (batcher, done_tx) = (Arc::clone(&batcher), done_tx.clone());
-            thread::spawn(move || {
-                batcher.add(item).unwrap();
-                done_tx.send(item).unwrap();
+        let spawn_adder = |shard: usize, item: u64| {
+            let (b, tx) = (Arc::clone(&batcher), done_tx.clone());
+            spawn_on_shard(shard, move || {
+                b.add(item).unwrap();
+                tx.send(item).unwrap();
             });
         };
-        for item in 10..15 {
-            spawn_adder(item);
+        let (a, b) = (0, 1);
+        // The worker holds one batch of A, a second of A and one of B wait.
+        for (shard, item) in [(a, 1), (a, 2), (a, 3), (a, 4), (b, 5), (b, 6)] {
+            spawn_adder(shard, item);
+            assert_eq!(done_rx.recv_timeout(Duration::from_secs(60)), Ok(item));
         }
-        eventually("five producers asleep", || {
+        eventually("the first batch in the handler", || {
+            handled.load(SeqCst) == 1
+        });
+        let waiting = &*batcher.shared.waiting;
+        (10..15).for_each(|item| spawn_adder(a, item));
+        eventually("five asleep", || {
             waiting.sleeping.load(SeqCst) == 5 && waiting.watching.load(SeqCst) == 0
         });
-        spawn_adder(20);
         // It watches for milliseconds here (`YIELDS` under `cfg(test)`).
-        eventually("a sixth on the watch", || {
-            waiting.watching.load(SeqCst) == 1
+        spawn_adder(b, 20);
+        eventually("W on the watch", || waiting.watching.load(SeqCst) == 1);
+        gate_tx.send(()).unwrap();
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(60)), Ok(20));
+        eventually("the worker in the second batch", || {
+            handled.load(SeqCst) == 2
+        });
+        eventually("a sleeper called to the watch", || {
+            waiting.watching.load(SeqCst) == 1 && waiting.sleeping.load(SeqCst) == 4
         });
         drop(gate_tx);
-        for _ in 0..6 {
-            done_rx
-                .recv_timeout(Duration::from_secs(60))
-                .expect("a sleeper was never woken");
+        for _ in 0..5 {
+            assert!(done_rx.recv_timeout(Duration::from_secs(60)).is_ok());
         }
         assert_eq!(batcher.close().unwrap().items, 12);
+    }
+
+    /// Spawns threads until one has fixed shard `shard` (of 2: a thread
+    /// keeps the shard its number picks until one of its adds seals a
+    /// batch), which then runs `f`.
+    fn spawn_on_shard(shard: usize, f: impl FnOnce() + Send + Clone + 'static) {
+        loop {
+            let (tx, rx) = mpsc::channel();
+            let f = f.clone();
+            thread::spawn(move || {
+                let mine = crate::bias::thread_number() & 1 == shard;
+                tx.send(mine).unwrap();
+                if mine {
+                    f();
+                }
+            });
+            if rx.recv().unwrap() {
+                return;
+            }
+        }
+    }
+
+    /// A panic that unwinds out of a blocked add (here: a helping
+    /// producer's handler panics, and an item's destructor panics as the
+    /// queued batches are dropped after it) still takes the producer off
+    /// the watch: a count left behind would stop every later wake-up.
+    #[test]
+    fn a_panic_out_of_a_blocked_add_leaves_the_watch() {
+        use std::cell::Cell;
+        thread_local!(static ARMED: Cell<bool> = const { Cell::new(false) });
+        struct Bomb(#[allow(dead_code)] u64);
+        impl Drop for Bomb {
+            fn drop(&mut self) {
+                if ARMED.get() && !thread::panicking() {
+                    ARMED.set(false);
+                    panic!("an item's destructor");
+                }
+            }
+        }
+        let batcher = Arc::new(
+            Batcher::<Bomb>::builder()
+                .batch_size(2)
+                .queue_size(8)
+                .shards(1)
+                .help_when_blocked(Help::Always)
+                .name("snail-bomb-worker")
+                .spawn(|batch| {
+                    if thread::current().name() == Some("snail-bomb-worker") {
+                        thread::sleep(Duration::from_micros(300));
+                        return Ok::<(), String>(());
+                    }
+                    batch.drain().for_each(mem::forget);
+                    ARMED.set(true);
+                    panic!("the handler, on a helping producer");
+                })
+                .unwrap(),
+        );
+        let (tx, rx) = mpsc::channel();
+        let producers: Vec<_> = (0..8)
+            .map(|p| {
+                let (b, tx) = (Arc::clone(&batcher), tx.clone());
+                thread::spawn(move || {
+                    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        for i in 0..1_000_000u64 {
+                            if b.add(Bomb(p * 10_000_000 + i)).is_err() {
+                                break;
+                            }
+                        }
+                    }));
+                    let _ = tx.send(unwound.is_err());
+                })
+            })
+            .collect();
+        let unwound = (0..8)
+            .map(|_| {
+                rx.recv_timeout(Duration::from_secs(60))
+                    .expect("a producer")
+            })
+            .take_while(|&u| !u)
+            .count()
+            < 8;
+        assert!(unwound, "no producer unwound out of add");
+        let _ = batcher.close();
+        producers.into_iter().for_each(|h| h.join().unwrap());
+        let waiting = &*batcher.shared.waiting;
+        assert_eq!(waiting.watching.load(SeqCst), 0);
+        assert_eq!(waiting.sleeping.load(SeqCst), 0);
+        assert_eq!(waiting.blocked.load(SeqCst), 0);
     }
 }
