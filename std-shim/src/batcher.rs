@@ -1117,19 +1117,22 @@ mod tests {
         }
     }
 
-    /// A panic that unwinds out of a blocked add (here: a helping
-    /// producer's handler panics, and an item's destructor panics as the
-    /// queued batches are dropped after it) still takes the producer off
-    /// the watch: a count left behind would stop every later wake-up.
+    /// A handler panic on a helping producer, and then a panicking item
+    /// destructor as the queued batches are dropped after it: the producer
+    /// does not unwind out of its add, every blocked producer gets
+    /// `Closed`, `close` reports the handler's panic, and the blocked path's
+    /// counts end at zero.
     #[test]
-    fn a_panic_out_of_a_blocked_add_leaves_the_watch() {
+    fn an_item_destructor_panicking_after_a_handler_panic_on_a_helper() {
         use std::cell::Cell;
         thread_local!(static ARMED: Cell<bool> = const { Cell::new(false) });
+        static BLEW: AtomicBool = AtomicBool::new(false);
         struct Bomb(#[allow(dead_code)] u64);
         impl Drop for Bomb {
             fn drop(&mut self) {
                 if ARMED.get() && !thread::panicking() {
                     ARMED.set(false);
+                    BLEW.store(true, SeqCst);
                     panic!("an item's destructor");
                 }
             }
@@ -1159,7 +1162,10 @@ mod tests {
                 thread::spawn(move || {
                     let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         for i in 0..1_000_000u64 {
-                            if b.add(Bomb(p * 10_000_000 + i)).is_err() {
+                            if let Err(refused) = b.add(Bomb(p * 10_000_000 + i)) {
+                                // Only the batches that `fail` drops.
+                                ARMED.set(false);
+                                drop(refused);
                                 break;
                             }
                         }
@@ -1168,16 +1174,18 @@ mod tests {
                 })
             })
             .collect();
-        let unwound = (0..8)
-            .map(|_| {
-                rx.recv_timeout(Duration::from_secs(60))
-                    .expect("a producer")
-            })
-            .take_while(|&u| !u)
-            .count()
-            < 8;
-        assert!(unwound, "no producer unwound out of add");
-        let _ = batcher.close();
+        for _ in 0..8 {
+            let unwound = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a producer");
+            assert!(!unwound, "a producer unwound out of add");
+        }
+        assert!(
+            BLEW.load(SeqCst),
+            "no destructor panicked in the drop after the handler's panic"
+        );
+        let failed = batcher.close().expect_err("the handler panicked");
+        assert_eq!(failed.message, "the handler, on a helping producer");
         producers.into_iter().for_each(|h| h.join().unwrap());
         let waiting = &*batcher.shared.waiting;
         assert_eq!(waiting.watching.load(SeqCst), 0);

@@ -275,7 +275,10 @@ fn poll_for_batch<T>(shared: &Shared<T>) -> bool {
 }
 
 /// After a handler panic: close, drop everything still held (counting it),
-/// wake blocked producers so they get `Closed`, and build the error.
+/// wake blocked producers so they get `Closed`, and build the error. An
+/// item whose destructor panics here does not stop it: the rest are
+/// dropped, and the handler's panic is the one reported (the destructor's
+/// goes to the panic hook only).
 fn fail<T>(
     shared: &Shared<T>,
     payload: &(dyn Any + Send),
@@ -286,7 +289,9 @@ fn fail<T>(
     let mut dropped_items = 0;
     while let Some(batch) = shared.core.try_take() {
         dropped_items += batch.len() as u64;
-        drop(batch);
+        // A batch recycles its buffer and drops its other items even when
+        // one item's destructor panics.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(batch)));
     }
     shared.closing.store(true, SeqCst);
     shared.notify_closed();
