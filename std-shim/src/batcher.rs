@@ -755,8 +755,7 @@ impl<T> Batcher<T> {
         // Join the watch if it has room, else go to sleep: register, then
         // read `signals`, then retry once (add_with's first attempt); a
         // buffer freed after the read either shows up in the retry or wakes
-        // a sleeper (see `Shared::notify_freed`). On the watch, a change of
-        // `signals` since `seen` calls for a retry.
+        // a sleeper (see `Shared::notify_freed`).
         let mut me = Blocked::join(shared);
         let mut seen = waiting.signals.load(SeqCst);
         let result = producer.add_with(item, || loop {
@@ -781,7 +780,6 @@ impl<T> Batcher<T> {
                 // for its turn).
                 me.wake();
                 attempts = 0;
-                seen = waiting.signals.load(SeqCst);
                 return true;
             }
             attempts += 1;
@@ -805,20 +803,9 @@ impl<T> Batcher<T> {
             }
             // Retrying takes the shard lock, and with it the shard's bias
             // from the producer that fills it: retry while spinning or
-            // yielding only once a buffer is free (or the batcher closed),
-            // and now and then in case another producer opened one on this
-            // shard. The poll reads `signals`, on the line of this path's
-            // own counters, and the queue's line (which the worker takes for
-            // every batch) only after `signals` changed. Acquire: the worker
-            // frees a buffer before it signals.
-            let now = waiting.signals.load(Acquire);
-            if now != seen {
-                seen = now;
-                if shared.core.has_free() || shared.core.is_closed() {
-                    return true;
-                }
-            }
-            if attempts % RECHECK == 0 {
+            // yielding only once a buffer is free, and now and then in case
+            // another producer opened one on this shard.
+            if shared.core.has_free() || attempts % RECHECK == 0 || shared.core.is_closed() {
                 return true;
             }
         });
