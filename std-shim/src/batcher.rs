@@ -6,15 +6,16 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::mem;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use snail::relax::Yield;
-use snail::{Added, BiasedLock, CachePadded, Full, HeapStorage, RawBatcher, SizeError};
+use snail::{Added, BiasedLock, Full, HeapStorage, RawBatcher, SizeError};
 
 use crate::bias::ThreadBias;
 use crate::route;
+use crate::watch::{Blocked, Watch};
 use crate::worker::Consumer;
 
 use crate::error::{BuildError, Closed, HandlerPanicked, TryAddError};
@@ -42,7 +43,7 @@ const RECHECK: u32 = 16;
 const MAX_DEFAULT_SHARDS: usize = 64;
 const MAX_SHARDS: usize = 1024;
 /// At most this many blocked producers spin and yield at one time (the
-/// watch, see `Waiting`); the others sleep. Chosen on 2 and 16 cores: 1 and
+/// watch, see `crate::watch`); the others sleep. Chosen on 2 and 16 cores: 1 and
 /// 2 lost throughput there, 8 gained nothing.
 const WATCH: usize = 4;
 /// A sleeping `add` re-checks at least this often, and then joins the watch
@@ -138,10 +139,8 @@ pub(crate) struct Shared<T> {
     /// The number (`bias::thread_number`) of the thread running the handler
     /// or dropping it, or 0: see `worker::in_handler`.
     pub(crate) handling: AtomicUsize,
-    /// Counters of the blocked path, on a line of their own.
-    waiting: CachePadded<Waiting>,
-    wait_lock: Mutex<()>,
-    wait_cv: Condvar,
+    /// Where producers blocked for a buffer wait.
+    pub(crate) watch: Watch,
     /// The handler, locked by whoever runs it on a batch.
     consumer: Mutex<Consumer<T>>,
     /// A producer blocked for a buffer handles a batch itself while at
@@ -152,87 +151,6 @@ pub(crate) struct Shared<T> {
     pub(crate) delivered_batches: AtomicU64,
     pub(crate) handler_errors: AtomicU64,
     pub(crate) lingered: AtomicU64,
-}
-
-/// What blocked producers and the worker count. Written only on the blocked
-/// path and once per freed buffer, so kept (in a [`CachePadded`]) off the
-/// line that every `add` reads.
-///
-/// Blocked producers keep a *watch*: at most [`WATCH`] of them spin and
-/// yield, looking for a freed buffer; the others sleep on the condvar. So
-/// a freed buffer is taken by a producer that is already awake, the worker
-/// wakes a sleeper only when nobody watches, and the few watchers leave the
-/// lines that the worker writes for each batch alone enough that it keeps
-/// its pace with many producers blocked.
-struct Waiting {
-    /// Producers in the blocked path of `add` (watching or asleep).
-    blocked: AtomicUsize,
-    /// Producers on the watch: spinning or yielding, awake.
-    watching: AtomicUsize,
-    /// Producers sleeping (or about to) until they are signalled.
-    sleeping: AtomicUsize,
-    /// Bumped whenever a buffer is freed, a sleeper is called to the watch,
-    /// or the batcher closes: a sleeper sleeps only while it is unchanged.
-    signals: AtomicUsize,
-}
-
-/// A producer's place in the blocked path of `add`: on the watch, or
-/// asleep. Dropped (also when a panic unwinds out of helping), it leaves,
-/// and calls a sleeper to the watch if it leaves that empty.
-struct Blocked<'a, T> {
-    shared: &'a Shared<T>,
-    asleep: bool,
-}
-
-impl<'a, T> Blocked<'a, T> {
-    /// Joins the watch if it has room, else goes to sleep.
-    fn join(shared: &'a Shared<T>) -> Self {
-        let waiting = &*shared.waiting;
-        waiting.blocked.fetch_add(1, Relaxed);
-        let mut me = Self {
-            shared,
-            asleep: false,
-        };
-        if waiting.watching.fetch_add(1, SeqCst) >= WATCH {
-            me.fall_asleep();
-        }
-        me
-    }
-
-    /// From the watch to sleep: registered as a sleeper before it leaves
-    /// the watch, and both before the caller reads `signals` (see
-    /// [`Shared::notify_freed`]).
-    fn fall_asleep(&mut self) {
-        let waiting = &*self.shared.waiting;
-        waiting.sleeping.fetch_add(1, SeqCst);
-        waiting.watching.fetch_sub(1, SeqCst);
-        self.asleep = true;
-    }
-
-    /// From sleep back to the watch.
-    fn wake(&mut self) {
-        let waiting = &*self.shared.waiting;
-        waiting.watching.fetch_add(1, SeqCst);
-        waiting.sleeping.fetch_sub(1, SeqCst);
-        self.asleep = false;
-    }
-}
-
-impl<T> Drop for Blocked<'_, T> {
-    fn drop(&mut self) {
-        let waiting = &*self.shared.waiting;
-        if self.asleep {
-            waiting.sleeping.fetch_sub(1, SeqCst);
-        } else {
-            waiting.watching.fetch_sub(1, SeqCst);
-        }
-        waiting.blocked.fetch_sub(1, Relaxed);
-        // Leaving the watch empty: call a sleeper to it, so that the worker
-        // need not wake one for the next freed buffer.
-        if waiting.watching.load(SeqCst) == 0 {
-            self.shared.wake_one();
-        }
-    }
 }
 
 impl<T> Shared<T> {
@@ -267,24 +185,6 @@ impl<T> Shared<T> {
         }
     }
 
-    /// Calls one sleeping producer to the watch, if one sleeps.
-    fn wake_one(&self) {
-        self.waiting.signals.fetch_add(1, SeqCst);
-        if self.waiting.sleeping.load(SeqCst) > 0 {
-            self.wake_sleepers(false);
-        }
-    }
-
-    /// Wakes one sleeper on the condvar, or all of them.
-    fn wake_sleepers(&self, all: bool) {
-        let _guard = self.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if all {
-            self.wait_cv.notify_all();
-        } else {
-            self.wait_cv.notify_one();
-        }
-    }
-
     /// Locks the handler (a handler panic never poisons it: it is caught
     /// inside).
     pub(crate) fn lock_consumer(&self) -> std::sync::MutexGuard<'_, Consumer<T>> {
@@ -305,32 +205,10 @@ impl<T> Shared<T> {
     fn begin_close(&self) {
         self.core.close();
         self.closing.store(true, SeqCst);
-        self.notify_closed();
+        self.watch.notify_closed();
         if let Some(thread) = self.worker.get() {
             thread.unpark();
         }
-    }
-
-    /// Tells blocked producers that a buffer was freed: a producer on the
-    /// watch takes it; with nobody watching, one sleeper is woken. Once per
-    /// batch, on the thread that ran the handler.
-    pub(crate) fn notify_freed(&self) {
-        let waiting = &*self.waiting;
-        waiting.signals.fetch_add(1, SeqCst);
-        // SeqCst against a watcher going to sleep (`sleeping` up, then
-        // `watching` down, then `signals` read): either this sees it asleep
-        // with nobody watching and wakes it, or its read of `signals` sees
-        // this buffer, and it retries before sleeping.
-        if waiting.watching.load(SeqCst) == 0 && waiting.sleeping.load(SeqCst) > 0 {
-            self.wake_sleepers(false);
-        }
-    }
-
-    /// Wakes every blocked producer: the batcher is closing (they get
-    /// `Closed`).
-    pub(crate) fn notify_closed(&self) {
-        self.waiting.signals.fetch_add(1, SeqCst);
-        self.wake_sleepers(true);
     }
 }
 
@@ -494,14 +372,7 @@ impl<T: Send + 'static> Builder<T> {
             closing: AtomicBool::new(false),
             orphaned: AtomicBool::new(false),
             handling: AtomicUsize::new(0),
-            waiting: CachePadded::new(Waiting {
-                blocked: AtomicUsize::new(0),
-                watching: AtomicUsize::new(0),
-                sleeping: AtomicUsize::new(0),
-                signals: AtomicUsize::new(0),
-            }),
-            wait_lock: Mutex::new(()),
-            wait_cv: Condvar::new(),
+            watch: Watch::new(WATCH),
             consumer: Mutex::new(Consumer::new(handler, self.on_error)),
             help_from: match self.help {
                 Help::Never => usize::MAX,
@@ -750,35 +621,21 @@ impl<T> Batcher<T> {
             Wait::Until(deadline) => (deadline, false),
         };
         let (shard, producer) = self.producer();
-        let waiting = &*shared.waiting;
         let mut attempts = 0u32;
-        // Join the watch if it has room, else go to sleep: register, then
-        // read `signals`, then retry once (add_with's first attempt); a
-        // buffer freed after the read either shows up in the retry or wakes
-        // a sleeper (see `Shared::notify_freed`).
-        let mut me = Blocked::join(shared);
-        let mut seen = waiting.signals.load(SeqCst);
+        // Join the watch if it has room, else register as a sleeper; then
+        // retry (add_with's first attempt) before any sleep: see `watch`.
+        let mut me = Blocked::join(&shared.watch);
         let result = producer.add_with(item, || loop {
             if let Some(deadline) = deadline {
                 if Instant::now() >= deadline {
                     return false;
                 }
             }
-            if me.asleep {
-                let guard = shared.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
-                if waiting.signals.load(SeqCst) == seen {
-                    let slice = match deadline {
-                        Some(d) => d.saturating_duration_since(Instant::now()).min(SLEEP_SLICE),
-                        None => SLEEP_SLICE,
-                    };
-                    let _ = shared.wait_cv.wait_timeout(guard, slice);
-                } else {
-                    drop(guard);
-                }
-                // Signalled, or the slice ran out: back on the watch, even
-                // if it is full (so no sleeper waits longer than a slice
-                // for its turn).
-                me.wake();
+            if me.is_asleep() {
+                me.sleep(match deadline {
+                    Some(d) => d.saturating_duration_since(Instant::now()).min(SLEEP_SLICE),
+                    None => SLEEP_SLICE,
+                });
                 attempts = 0;
                 return true;
             }
@@ -788,7 +645,7 @@ impl<T> Batcher<T> {
             } else if attempts <= SPINS + YIELDS {
                 // Retry at once after handling a batch: that freed a buffer.
                 if may_help
-                    && waiting.blocked.load(Relaxed) >= shared.help_from
+                    && shared.watch.blocked() >= shared.help_from
                     && shared.core.has_sealed()
                     && crate::worker::help(shared)
                 {
@@ -798,7 +655,6 @@ impl<T> Batcher<T> {
             } else {
                 // Nothing freed for a while: sleep (as on entry).
                 me.fall_asleep();
-                seen = waiting.signals.load(SeqCst);
                 return true;
             }
             // Retrying takes the shard lock, and with it the shard's bias
@@ -1061,21 +917,19 @@ mod tests {
         eventually("the first batch in the handler", || {
             handled.load(SeqCst) == 1
         });
-        let waiting = &*batcher.shared.waiting;
+        let watch = &batcher.shared.watch;
         (10..15).for_each(|item| spawn_adder(a, item));
-        eventually("five asleep", || {
-            waiting.sleeping.load(SeqCst) == 5 && waiting.watching.load(SeqCst) == 0
-        });
+        eventually("five asleep", || matches!(watch.counts(), (0, 5, _)));
         // It watches for milliseconds here (`YIELDS` under `cfg(test)`).
         spawn_adder(b, 20);
-        eventually("W on the watch", || waiting.watching.load(SeqCst) == 1);
+        eventually("W on the watch", || watch.counts().0 == 1);
         gate_tx.send(()).unwrap();
         assert_eq!(done_rx.recv_timeout(Duration::from_secs(60)), Ok(20));
         eventually("the worker in the second batch", || {
             handled.load(SeqCst) == 2
         });
         eventually("a sleeper called to the watch", || {
-            waiting.watching.load(SeqCst) == 1 && waiting.sleeping.load(SeqCst) == 4
+            matches!(watch.counts(), (1, 4, _))
         });
         drop(gate_tx);
         for _ in 0..5 {
@@ -1174,9 +1028,6 @@ mod tests {
         let failed = batcher.close().expect_err("the handler panicked");
         assert_eq!(failed.message, "the handler, on a helping producer");
         producers.into_iter().for_each(|h| h.join().unwrap());
-        let waiting = &*batcher.shared.waiting;
-        assert_eq!(waiting.watching.load(SeqCst), 0);
-        assert_eq!(waiting.sleeping.load(SeqCst), 0);
-        assert_eq!(waiting.blocked.load(SeqCst), 0);
+        assert_eq!(batcher.shared.watch.counts(), (0, 0, 0));
     }
 }

@@ -69,6 +69,7 @@ mod batcher;
 pub mod bias;
 mod error;
 mod route;
+mod watch;
 mod worker;
 
 pub use batcher::{Batch, Batcher, Builder, Help, Report, Stats};

@@ -90,7 +90,7 @@ impl<T> Consumer<T> {
         };
         let items = batch.len() as u64;
         let outcome = as_handler(shared, || handle.handle(batch));
-        shared.notify_freed();
+        shared.watch.notify_freed();
         match outcome {
             Ok(ok) => {
                 let report = &mut self.report;
@@ -294,7 +294,7 @@ fn fail<T>(
         let _ = catch_unwind(AssertUnwindSafe(|| drop(batch)));
     }
     shared.closing.store(true, SeqCst);
-    shared.notify_closed();
+    shared.watch.notify_closed();
     HandlerPanicked {
         message: panic_message(payload),
         batch_items,

@@ -1,0 +1,350 @@
+//! How producers blocked for a buffer wait: the *watch*.
+//!
+//! At most `room` blocked producers are on the watch: awake, spinning and
+//! yielding, retrying when a buffer is freed. The others sleep on a
+//! condvar. A freed buffer is so taken by a producer already awake; the
+//! thread that freed it wakes a sleeper only when nobody watches, and a
+//! producer that leaves the watch empty calls a sleeper to it. The few
+//! watchers leave the lines that the worker writes for each batch alone
+//! enough that it keeps its pace with many producers blocked.
+//!
+//! The protocol against lost wake-ups (all counters `SeqCst`): every event
+//! that may let a sleeper proceed (a freed buffer, a turn on the watch, the
+//! close) bumps `signals` before it reads who sleeps, and notifies with the
+//! lock held; a sleeper registers, reads `signals`, retries, and then, with
+//! the lock held, waits only while `signals` still holds what it read. So
+//! either the event reads the counts after the registration and wakes a
+//! sleeper (this one, or another that then takes the buffer or the turn),
+//! or the sleeper's read follows the bump and it retries instead of
+//! waiting. A freed buffer wakes nobody while a producer watches: that one
+//! takes it, and calls a sleeper to the watch as it leaves.
+//!
+//! Under `--cfg snail_std_loom` the atomics, the mutex and the condvar come
+//! from loom, and the models at the end of this file check the protocol
+//! (loom has no timeouts: a lost wake-up is a deadlock there).
+
+use std::time::Duration;
+
+#[cfg(snail_std_loom)]
+use loom::sync::{atomic::AtomicUsize, Condvar, Mutex};
+use snail::CachePadded;
+use std::sync::atomic::Ordering::*;
+#[cfg(not(snail_std_loom))]
+use std::sync::{atomic::AtomicUsize, Condvar, Mutex};
+
+/// A `SeqCst` load of a counter that the protocol orders against a `SeqCst`
+/// read-modify-write of another (a store-load pair, as in Dekker's
+/// algorithm). Loom models such loads as acquire loads only, which may read
+/// stale values that no `SeqCst` execution allows; under loom it is a
+/// read-modify-write, which reads the latest value as the `SeqCst` load does
+/// here (every write of these counters is a `SeqCst` read-modify-write).
+#[inline(always)]
+fn seq_load(counter: &AtomicUsize) -> usize {
+    #[cfg(snail_std_loom)]
+    return counter.fetch_add(0, SeqCst);
+    #[cfg(not(snail_std_loom))]
+    counter.load(SeqCst)
+}
+
+/// The blocked path's counters and its condvar.
+pub(crate) struct Watch {
+    /// Written only on the blocked path and once per freed buffer, so kept
+    /// off the lines that every `add` reads.
+    counts: CachePadded<Counts>,
+    lock: Mutex<()>,
+    cv: Condvar,
+    /// The most producers on the watch at one time.
+    room: usize,
+}
+
+struct Counts {
+    /// Producers in the blocked path (watching or asleep).
+    blocked: AtomicUsize,
+    /// Producers on the watch.
+    watching: AtomicUsize,
+    /// Producers sleeping (or about to) until they are signalled.
+    sleeping: AtomicUsize,
+    /// Bumped whenever a buffer is freed, a sleeper is called to the watch,
+    /// or the batcher closes: a sleeper sleeps only while it is unchanged.
+    signals: AtomicUsize,
+}
+
+impl Watch {
+    /// A watch for at most `room` producers (at least 1).
+    pub(crate) fn new(room: usize) -> Self {
+        Self {
+            counts: CachePadded::new(Counts {
+                blocked: AtomicUsize::new(0),
+                watching: AtomicUsize::new(0),
+                sleeping: AtomicUsize::new(0),
+                signals: AtomicUsize::new(0),
+            }),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+            room: room.max(1),
+        }
+    }
+
+    /// Producers in the blocked path at this moment.
+    pub(crate) fn blocked(&self) -> usize {
+        self.counts.blocked.load(Relaxed)
+    }
+
+    /// `(watching, sleeping, blocked)` at this moment, for tests.
+    #[cfg(test)]
+    pub(crate) fn counts(&self) -> (usize, usize, usize) {
+        let c = &*self.counts;
+        (
+            c.watching.load(SeqCst),
+            c.sleeping.load(SeqCst),
+            c.blocked.load(SeqCst),
+        )
+    }
+
+    /// A buffer was freed: a producer on the watch takes it; with nobody
+    /// watching, one sleeper is woken. Call after the buffer is free.
+    pub(crate) fn notify_freed(&self) {
+        let c = &*self.counts;
+        c.signals.fetch_add(1, SeqCst);
+        // After the bump: a producer that falls asleep after this read
+        // reads `signals` after the bump too, and retries.
+        if seq_load(&c.watching) == 0 && seq_load(&c.sleeping) > 0 {
+            self.wake_sleepers(false);
+        }
+    }
+
+    /// Wakes every blocked producer: the batcher is closing. Call after
+    /// the close is visible to a producer's retry.
+    pub(crate) fn notify_closed(&self) {
+        self.counts.signals.fetch_add(1, SeqCst);
+        self.wake_sleepers(true);
+    }
+
+    /// Calls one sleeping producer to the watch, if one sleeps.
+    fn wake_one(&self) {
+        self.counts.signals.fetch_add(1, SeqCst);
+        if seq_load(&self.counts.sleeping) > 0 {
+            self.wake_sleepers(false);
+        }
+    }
+
+    /// Wakes one sleeper on the condvar, or all of them.
+    fn wake_sleepers(&self, all: bool) {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if all {
+            self.cv.notify_all();
+        } else {
+            self.cv.notify_one();
+        }
+    }
+}
+
+/// A producer's place in the blocked path: on the watch, or asleep.
+/// Dropped (also when a panic unwinds out of the wait), it leaves, and
+/// calls a sleeper to the watch if it leaves that empty.
+///
+/// Use: [`join`](Self::join), then retry the add; after each failed retry
+/// [`sleep`](Self::sleep) if [`is_asleep`](Self::is_asleep), else spin or
+/// yield, or [`fall_asleep`](Self::fall_asleep) when watching has gone on
+/// long enough.
+pub(crate) struct Blocked<'a> {
+    watch: &'a Watch,
+    asleep: bool,
+    /// `signals` as read after registering as a sleeper.
+    seen: usize,
+}
+
+impl<'a> Blocked<'a> {
+    /// Joins the watch if it has room, else registers as a sleeper. Retry
+    /// the add after this before sleeping.
+    pub(crate) fn join(watch: &'a Watch) -> Self {
+        let c = &*watch.counts;
+        c.blocked.fetch_add(1, Relaxed);
+        let mut me = Self {
+            watch,
+            asleep: false,
+            seen: 0,
+        };
+        if c.watching.fetch_add(1, SeqCst) >= watch.room {
+            me.fall_asleep();
+        }
+        me
+    }
+
+    /// `true` if registered as a sleeper: call [`sleep`](Self::sleep) after
+    /// a failed retry.
+    pub(crate) fn is_asleep(&self) -> bool {
+        self.asleep
+    }
+
+    /// From the watch to sleep: registers as a sleeper and reads `signals`.
+    /// Retry the add after this before sleeping.
+    pub(crate) fn fall_asleep(&mut self) {
+        let c = &*self.watch.counts;
+        c.sleeping.fetch_add(1, SeqCst);
+        c.watching.fetch_sub(1, SeqCst);
+        self.asleep = true;
+        self.seen = seq_load(&c.signals);
+    }
+
+    /// Sleeps until signalled (unless a signal came since the registration)
+    /// or for at most `slice`, then rejoins the watch, even if it is full
+    /// (so no sleeper waits longer than a slice for its turn).
+    pub(crate) fn sleep(&mut self, slice: Duration) {
+        debug_assert!(self.asleep);
+        let c = &*self.watch.counts;
+        let guard = self.watch.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if seq_load(&c.signals) == self.seen {
+            let _ = self.watch.cv.wait_timeout(guard, slice);
+        } else {
+            drop(guard);
+        }
+        c.watching.fetch_add(1, SeqCst);
+        c.sleeping.fetch_sub(1, SeqCst);
+        self.asleep = false;
+    }
+}
+
+impl Drop for Blocked<'_> {
+    fn drop(&mut self) {
+        let c = &*self.watch.counts;
+        if self.asleep {
+            c.sleeping.fetch_sub(1, SeqCst);
+        } else {
+            c.watching.fetch_sub(1, SeqCst);
+        }
+        c.blocked.fetch_sub(1, Relaxed);
+        // Leaving the watch empty: call a sleeper to it, so that the worker
+        // need not wake one for the next freed buffer.
+        if seq_load(&c.watching) == 0 {
+            self.watch.wake_one();
+        }
+    }
+}
+
+/// Loom models of the protocol: `RUSTFLAGS="--cfg snail_std_loom" cargo test
+/// --release -p snail-std --lib watch::models` (README). Producers wait for
+/// a counter of free buffers as `add` waits for the core's; loom explores
+/// every interleaving up to `LOOM_MAX_PREEMPTIONS` preemptions and fails
+/// a model that can end with a producer asleep forever (a deadlock).
+#[cfg(all(test, snail_std_loom))]
+mod models {
+    use super::*;
+    use loom::sync::atomic::AtomicBool;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// The shared state of a model: the watch, free buffers, closed.
+    struct Pool {
+        watch: Watch,
+        free: AtomicUsize,
+        closed: AtomicBool,
+    }
+
+    impl Pool {
+        fn new(room: usize) -> Arc<Self> {
+            Arc::new(Self {
+                watch: Watch::new(room),
+                free: AtomicUsize::new(0),
+                closed: AtomicBool::new(false),
+            })
+        }
+
+        /// One attempt: takes a free buffer if there is one.
+        fn try_take(&self) -> bool {
+            self.free
+                .fetch_update(AcqRel, Acquire, |n| n.checked_sub(1))
+                .is_ok()
+        }
+
+        /// Frees a buffer, as the worker does after a batch.
+        fn free_one(&self) {
+            self.free.fetch_add(1, Release);
+            self.watch.notify_freed();
+        }
+
+        /// Closes, as `close` does: the flag, then the wake-up.
+        fn close(&self) {
+            self.closed.store(true, SeqCst);
+            self.watch.notify_closed();
+        }
+
+        /// A blocked `add`: `true` with a buffer, `false` once closed. On
+        /// the watch it retries `patience` times, yielding, then falls
+        /// asleep; asleep, it sleeps until signalled.
+        fn take(&self, patience: u32) -> bool {
+            if self.try_take() {
+                return true;
+            }
+            let mut me = Blocked::join(&self.watch);
+            let mut tries = 0;
+            loop {
+                if self.try_take() {
+                    return true;
+                }
+                if self.closed.load(SeqCst) {
+                    return false;
+                }
+                if me.is_asleep() {
+                    me.sleep(Duration::from_secs(3600));
+                    tries = 0;
+                } else if tries < patience {
+                    tries += 1;
+                    thread::yield_now();
+                } else {
+                    me.fall_asleep();
+                }
+            }
+        }
+    }
+
+    /// Two producers blocked, room on the watch for one, two buffers freed
+    /// one after the other: both producers get one. Fails (deadlocks)
+    /// without the worker's wake-up in `notify_freed` (both producers may
+    /// be asleep), and without the call of a producer that leaves the
+    /// watch empty (the watcher takes both signals' turn, the sleeper is
+    /// never woken).
+    #[test]
+    fn every_freed_buffer_reaches_a_blocked_producer() {
+        for patience in [0, 1] {
+            loom::model(move || {
+                let pool = Pool::new(1);
+                let producers: Vec<_> = (0..2)
+                    .map(|_| {
+                        let pool = Arc::clone(&pool);
+                        thread::spawn(move || pool.take(patience))
+                    })
+                    .collect();
+                pool.free_one();
+                pool.free_one();
+                for p in producers {
+                    assert!(p.join().unwrap(), "a producer got no buffer");
+                }
+                assert_eq!(pool.watch.counts(), (0, 0, 0));
+            });
+        }
+    }
+
+    /// Two producers blocked, one buffer freed, then a close: each producer
+    /// gets the buffer or sees the close; none sleeps through it.
+    #[test]
+    fn a_close_wakes_every_blocked_producer() {
+        loom::model(|| {
+            let pool = Pool::new(1);
+            let producers: Vec<_> = (0..2)
+                .map(|_| {
+                    let pool = Arc::clone(&pool);
+                    thread::spawn(move || pool.take(0))
+                })
+                .collect();
+            pool.free_one();
+            pool.close();
+            let got: usize = producers
+                .into_iter()
+                .map(|p| usize::from(p.join().unwrap()))
+                .sum();
+            assert!(got <= 1, "two producers took one buffer");
+            assert_eq!(pool.watch.counts(), (0, 0, 0));
+        });
+    }
+}
