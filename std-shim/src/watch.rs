@@ -325,6 +325,31 @@ mod models {
         }
     }
 
+    /// Three producers blocked, room on the watch for two, three buffers
+    /// freed: each producer gets one, whichever sleeper each wake-up picks.
+    /// At most 2 preemptions (about a minute; 3 would take far longer).
+    #[test]
+    fn three_producers_two_on_the_watch() {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(builder.preemption_bound.map_or(2, |b| b.min(2)));
+        builder.check(|| {
+            let pool = Pool::new(2);
+            let producers: Vec<_> = (0..3)
+                .map(|_| {
+                    let pool = Arc::clone(&pool);
+                    thread::spawn(move || pool.take(0))
+                })
+                .collect();
+            for _ in 0..3 {
+                pool.free_one();
+            }
+            for p in producers {
+                assert!(p.join().unwrap(), "a producer got no buffer");
+            }
+            assert_eq!(pool.watch.counts(), (0, 0, 0));
+        });
+    }
+
     /// Two producers blocked, one buffer freed, then a close: each producer
     /// gets the buffer or sees the close; none sleeps through it.
     #[test]
