@@ -298,6 +298,20 @@ mod models {
         }
     }
 
+    /// Starts `n` producers, each blocked in [`Pool::take`].
+    fn blocked_producers(
+        pool: &Arc<Pool>,
+        n: usize,
+        patience: u32,
+    ) -> Vec<thread::JoinHandle<bool>> {
+        (0..n)
+            .map(|_| {
+                let pool = Arc::clone(pool);
+                thread::spawn(move || pool.take(patience))
+            })
+            .collect()
+    }
+
     /// Two producers blocked, room on the watch for one, two buffers freed
     /// one after the other: both producers get one. Fails (deadlocks)
     /// without the worker's wake-up in `notify_freed` (both producers may
@@ -309,12 +323,7 @@ mod models {
         for patience in [0, 1] {
             loom::model(move || {
                 let pool = Pool::new(1);
-                let producers: Vec<_> = (0..2)
-                    .map(|_| {
-                        let pool = Arc::clone(&pool);
-                        thread::spawn(move || pool.take(patience))
-                    })
-                    .collect();
+                let producers = blocked_producers(&pool, 2, patience);
                 pool.free_one();
                 pool.free_one();
                 for p in producers {
@@ -334,12 +343,7 @@ mod models {
         builder.preemption_bound = Some(builder.preemption_bound.map_or(2, |b| b.min(2)));
         builder.check(|| {
             let pool = Pool::new(2);
-            let producers: Vec<_> = (0..3)
-                .map(|_| {
-                    let pool = Arc::clone(&pool);
-                    thread::spawn(move || pool.take(0))
-                })
-                .collect();
+            let producers = blocked_producers(&pool, 3, 0);
             for _ in 0..3 {
                 pool.free_one();
             }
@@ -356,12 +360,7 @@ mod models {
     fn a_close_wakes_every_blocked_producer() {
         loom::model(|| {
             let pool = Pool::new(1);
-            let producers: Vec<_> = (0..2)
-                .map(|_| {
-                    let pool = Arc::clone(&pool);
-                    thread::spawn(move || pool.take(0))
-                })
-                .collect();
+            let producers = blocked_producers(&pool, 2, 0);
             pool.free_one();
             pool.close();
             let got: usize = producers
