@@ -43,8 +43,8 @@ const RECHECK: u32 = 16;
 const MAX_DEFAULT_SHARDS: usize = 64;
 const MAX_SHARDS: usize = 1024;
 /// At most this many blocked producers spin and yield at one time (the
-/// watch, see `crate::watch`); the others sleep. Chosen on 2 and 16 cores: 1 and
-/// 2 lost throughput there, 8 gained nothing.
+/// watch, see `crate::watch`); the others sleep. Chosen on 2 and 16 cores:
+/// 1 and 2 lost throughput there, 8 gained nothing.
 const WATCH: usize = 4;
 /// A sleeping `add` re-checks at least this often, and then joins the watch
 /// (a safety net, and a bound on how long a sleeper waits for its turn;

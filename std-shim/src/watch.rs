@@ -8,20 +8,30 @@
 //! watchers leave the lines that the worker writes for each batch alone
 //! enough that it keeps its pace with many producers blocked.
 //!
-//! The protocol against lost wake-ups (all counters `SeqCst`): every event
-//! that may let a sleeper proceed (a freed buffer, a turn on the watch, the
-//! close) bumps `signals` before it reads who sleeps, and notifies with the
-//! lock held; a sleeper registers, reads `signals`, retries, and then, with
-//! the lock held, waits only while `signals` still holds what it read. So
-//! either the event reads the counts after the registration and wakes a
-//! sleeper (this one, or another that then takes the buffer or the turn),
-//! or the sleeper's read follows the bump and it retries instead of
-//! waiting. A freed buffer wakes nobody while a producer watches: that one
-//! takes it, and calls a sleeper to the watch as it leaves.
+//! The protocol against lost wake-ups (`watching`, `sleeping` and `signals`
+//! are `SeqCst`): every event that may let a sleeper proceed (a freed
+//! buffer, a turn on the watch, the close) bumps `signals` after it made
+//! the buffer free (or the batcher closed), then reads who sleeps, and
+//! notifies with the lock held. A sleeper registers, reads `signals`,
+//! retries, and then, with the lock held, waits only while `signals` still
+//! holds what it read. Three cases:
+//! - the event read the counts after the registration: it wakes a sleeper
+//!   (this one, or another that then takes the buffer or the turn);
+//! - the sleeper read `signals` after the bump: that read synchronizes
+//!   with the bump, so its retry sees the free buffer (or the close);
+//! - it read `signals` before the bump, and checks again under the lock
+//!   after it: the value changed, and it retries instead of waiting.
+//!
+//! A freed buffer wakes nobody while a producer watches, so the watch never
+//! empties silently: a producer leaves it by taking a buffer or giving up
+//! (its `Drop` then calls a sleeper if it finds the watch empty), or by
+//! falling asleep (it then reads `signals` and retries, as above).
 //!
 //! Under `--cfg snail_std_loom` the atomics, the mutex and the condvar come
-//! from loom, and the models at the end of this file check the protocol
-//! (loom has no timeouts: a lost wake-up is a deadlock there).
+//! from loom, and the models at the end of this file check the protocol:
+//! bounded ones (two or three producers, one block each, 2 or 3
+//! preemptions, no timeouts, no helping). Loom has no timeouts, so a lost
+//! wake-up is a deadlock there.
 
 use std::time::Duration;
 
@@ -34,14 +44,19 @@ use std::sync::{atomic::AtomicUsize, Condvar, Mutex};
 
 /// A `SeqCst` load of a counter that the protocol orders against a `SeqCst`
 /// read-modify-write of another (a store-load pair, as in Dekker's
-/// algorithm). Loom models such loads as acquire loads only, which may read
-/// stale values that no `SeqCst` execution allows; under loom it is a
-/// read-modify-write, which reads the latest value as the `SeqCst` load does
-/// here (every write of these counters is a `SeqCst` read-modify-write).
+/// algorithm). Loom models `SeqCst` loads as acquire loads, which may read
+/// values older than any `SeqCst` execution allows. Under loom this is a
+/// compare-exchange that always fails (no counter reaches `usize::MAX`):
+/// it reads the newest value, as the `SeqCst` load does here (every write
+/// of these counters is a `SeqCst` read-modify-write), and writes nothing,
+/// so it adds no happens-before edge that the real load lacks (a
+/// `fetch_add(0)` would, and hid a lost wake-up from the models).
 #[inline(always)]
 fn seq_load(counter: &AtomicUsize) -> usize {
     #[cfg(snail_std_loom)]
-    return counter.fetch_add(0, SeqCst);
+    return match counter.compare_exchange(usize::MAX, usize::MAX, SeqCst, SeqCst) {
+        Ok(v) | Err(v) => v,
+    };
     #[cfg(not(snail_std_loom))]
     counter.load(SeqCst)
 }
@@ -214,16 +229,18 @@ impl Drop for Blocked<'_> {
             c.watching.fetch_sub(1, SeqCst);
         }
         c.blocked.fetch_sub(1, Relaxed);
-        // Leaving the watch empty: call a sleeper to it, so that the worker
-        // need not wake one for the next freed buffer.
+        // Leaving with the watch empty (from it or from sleep): call a
+        // sleeper to it, so that the worker need not wake one for the next
+        // freed buffer.
         if seq_load(&c.watching) == 0 {
             self.watch.wake_one();
         }
     }
 }
 
-/// Loom models of the protocol: `RUSTFLAGS="--cfg snail_std_loom" cargo test
-/// --release -p snail-std --lib watch::models` (README). Producers wait for
+/// Loom models of the protocol: `RUSTFLAGS="--cfg snail_std_loom"
+/// LOOM_MAX_PREEMPTIONS=3 cargo test --release -p snail-std --lib
+/// watch::models` (README; without a bound they run for a long time). Producers wait for
 /// a counter of free buffers as `add` waits for the core's; loom explores
 /// every interleaving up to `LOOM_MAX_PREEMPTIONS` preemptions and fails
 /// a model that can end with a producer asleep forever (a deadlock).
@@ -269,20 +286,26 @@ mod models {
             self.watch.notify_closed();
         }
 
-        /// A blocked `add`: `true` with a buffer, `false` once closed. On
-        /// the watch it retries `patience` times, yielding, then falls
-        /// asleep; asleep, it sleeps until signalled.
-        fn take(&self, patience: u32) -> bool {
+        /// A blocked `add`: `true` with a buffer, `false` once closed or
+        /// given up. On the watch it retries `patience` times, yielding,
+        /// then falls asleep; asleep, it sleeps until signalled. With
+        /// `give_up` it leaves after that many failed retries, as an
+        /// `add_timeout` whose deadline passed.
+        fn take(&self, patience: u32, give_up: Option<u32>) -> bool {
             if self.try_take() {
                 return true;
             }
             let mut me = Blocked::join(&self.watch);
-            let mut tries = 0;
+            let (mut tries, mut failed) = (0, 0);
             loop {
                 if self.try_take() {
                     return true;
                 }
                 if self.closed.load(SeqCst) {
+                    return false;
+                }
+                failed += 1;
+                if give_up.is_some_and(|n| failed > n) {
                     return false;
                 }
                 if me.is_asleep() {
@@ -307,7 +330,7 @@ mod models {
         (0..n)
             .map(|_| {
                 let pool = Arc::clone(pool);
-                thread::spawn(move || pool.take(patience))
+                thread::spawn(move || pool.take(patience, None))
             })
             .collect()
     }
@@ -335,7 +358,8 @@ mod models {
     }
 
     /// Three producers blocked, room on the watch for two, three buffers
-    /// freed: each producer gets one, whichever sleeper each wake-up picks.
+    /// freed: each producer gets one, in every order the sleepers queue in
+    /// (loom's `notify_one` wakes the first waiter).
     /// At most 2 preemptions (about a minute; 3 would take far longer).
     #[test]
     fn three_producers_two_on_the_watch() {
@@ -349,6 +373,29 @@ mod models {
             }
             for p in producers {
                 assert!(p.join().unwrap(), "a producer got no buffer");
+            }
+            assert_eq!(pool.watch.counts(), (0, 0, 0));
+        });
+    }
+
+    /// One producer gives up after its first failed retry (on the watch,
+    /// or asleep when it joined behind the other), the other waits; two
+    /// buffers are freed: the one that waits gets one, whether or not the
+    /// other took one before it left.
+    #[test]
+    fn a_producer_giving_up_leaves_nobody_asleep_behind_it() {
+        loom::model(|| {
+            let pool = Pool::new(1);
+            let quitter = {
+                let pool = Arc::clone(&pool);
+                thread::spawn(move || pool.take(0, Some(1)))
+            };
+            let waiter = blocked_producers(&pool, 1, 0);
+            pool.free_one();
+            pool.free_one();
+            let _ = quitter.join().unwrap();
+            for p in waiter {
+                assert!(p.join().unwrap(), "the waiting producer got no buffer");
             }
             assert_eq!(pool.watch.counts(), (0, 0, 0));
         });
