@@ -335,6 +335,21 @@ mod models {
             .collect()
     }
 
+    /// `n` producers blocked on a watch with room for `room`, and `n`
+    /// buffers freed one after the other: each producer gets one, and the
+    /// counts go back to zero.
+    fn each_blocked_producer_gets_a_buffer(room: usize, n: usize, patience: u32) {
+        let pool = Pool::new(room);
+        let producers = blocked_producers(&pool, n, patience);
+        for _ in 0..n {
+            pool.free_one();
+        }
+        for p in producers {
+            assert!(p.join().unwrap(), "a producer got no buffer");
+        }
+        assert_eq!(pool.watch.counts(), (0, 0, 0));
+    }
+
     /// Two producers blocked, room on the watch for one, two buffers freed
     /// one after the other: both producers get one. Fails (deadlocks)
     /// without the worker's wake-up in `notify_freed` (both producers may
@@ -344,16 +359,7 @@ mod models {
     #[test]
     fn every_freed_buffer_reaches_a_blocked_producer() {
         for patience in [0, 1] {
-            loom::model(move || {
-                let pool = Pool::new(1);
-                let producers = blocked_producers(&pool, 2, patience);
-                pool.free_one();
-                pool.free_one();
-                for p in producers {
-                    assert!(p.join().unwrap(), "a producer got no buffer");
-                }
-                assert_eq!(pool.watch.counts(), (0, 0, 0));
-            });
+            loom::model(move || each_blocked_producer_gets_a_buffer(1, 2, patience));
         }
     }
 
@@ -365,17 +371,7 @@ mod models {
     fn three_producers_two_on_the_watch() {
         let mut builder = loom::model::Builder::new();
         builder.preemption_bound = Some(builder.preemption_bound.map_or(2, |b| b.min(2)));
-        builder.check(|| {
-            let pool = Pool::new(2);
-            let producers = blocked_producers(&pool, 3, 0);
-            for _ in 0..3 {
-                pool.free_one();
-            }
-            for p in producers {
-                assert!(p.join().unwrap(), "a producer got no buffer");
-            }
-            assert_eq!(pool.watch.counts(), (0, 0, 0));
-        });
+        builder.check(|| each_blocked_producer_gets_a_buffer(2, 3, 0));
     }
 
     /// One producer gives up after its first failed retry (on the watch,
