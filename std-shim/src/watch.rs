@@ -11,8 +11,8 @@
 //! The protocol against lost wake-ups (`watching`, `sleeping` and `signals`
 //! are `SeqCst`): every event that may let a sleeper proceed (a freed
 //! buffer, a turn on the watch, the close) bumps `signals` after it made
-//! the buffer free (or the batcher closed), then reads who sleeps, and
-//! notifies with the lock held. A sleeper registers, reads `signals`,
+//! the buffer free (or the batcher closed), then reads who sleeps (the
+//! close wakes them all without reading), and notifies with the lock held. A sleeper registers, reads `signals`,
 //! retries, and then, with the lock held, waits only while `signals` still
 //! holds what it read. Three cases:
 //! - the event read the counts after the registration: it wakes a sleeper
