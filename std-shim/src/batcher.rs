@@ -11,7 +11,7 @@ use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use snail::relax::Yield;
-use snail::{Added, BiasedLock, Full, HeapStorage, RawBatcher, SizeError};
+use snail::{Added, BiasedLock, CachePadded, Full, HeapStorage, RawBatcher, SizeError};
 
 use crate::bias::ThreadBias;
 use crate::route;
@@ -136,17 +136,27 @@ pub(crate) struct Shared<T> {
     /// Set when the batcher was dropped inside its own handler: nobody joins
     /// the worker, so it reports a handler panic on stderr itself.
     pub(crate) orphaned: AtomicBool,
-    /// The number (`bias::thread_number`) of the thread running the handler
-    /// or dropping it, or 0: see `worker::in_handler`.
-    pub(crate) handling: AtomicUsize,
     /// Where producers blocked for a buffer wait.
     pub(crate) watch: Watch,
-    /// The handler, locked by whoever runs it on a batch.
-    consumer: Mutex<Consumer<T>>,
     /// A producer blocked for a buffer handles a batch itself while at
     /// least this many producers are blocked
     /// ([`Builder::help_when_blocked`]).
     help_from: usize,
+    /// What the thread running the handler writes for every batch.
+    pub(crate) handler: CachePadded<HandlerSide<T>>,
+}
+
+/// What the thread running the handler writes for every batch, on lines of
+/// its own: a producer that seals a batch reads the fields of [`Shared`]
+/// around it (`worker_idle`, `linger`, `start`), and with these among them
+/// it would miss on those lines after every batch the worker handled, and
+/// the worker on them again for the next batch.
+pub(crate) struct HandlerSide<T> {
+    /// The handler, locked by whoever runs it on a batch.
+    consumer: Mutex<Consumer<T>>,
+    /// The number (`bias::thread_number`) of the thread running the handler
+    /// or dropping it, or 0: see `worker::in_handler`.
+    pub(crate) handling: AtomicUsize,
     pub(crate) delivered_items: AtomicU64,
     pub(crate) delivered_batches: AtomicU64,
     pub(crate) handler_errors: AtomicU64,
@@ -168,10 +178,11 @@ impl<T> Shared<T> {
     /// What the handler was handed so far (the worker's report as last
     /// published).
     pub(crate) fn delivered(&self) -> Report {
+        let h = &*self.handler;
         Report {
-            items: self.delivered_items.load(Relaxed),
-            batches: self.delivered_batches.load(Relaxed),
-            handler_errors: self.handler_errors.load(Relaxed),
+            items: h.delivered_items.load(Relaxed),
+            batches: h.delivered_batches.load(Relaxed),
+            handler_errors: h.handler_errors.load(Relaxed),
         }
     }
 
@@ -188,12 +199,15 @@ impl<T> Shared<T> {
     /// Locks the handler (a handler panic never poisons it: it is caught
     /// inside).
     pub(crate) fn lock_consumer(&self) -> std::sync::MutexGuard<'_, Consumer<T>> {
-        self.consumer.lock().unwrap_or_else(|e| e.into_inner())
+        self.handler
+            .consumer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// [`lock_consumer`](Self::lock_consumer) if no other thread holds it.
     pub(crate) fn try_lock_consumer(&self) -> Option<std::sync::MutexGuard<'_, Consumer<T>>> {
-        match self.consumer.try_lock() {
+        match self.handler.consumer.try_lock() {
             Ok(consumer) => Some(consumer),
             Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => None,
@@ -371,18 +385,20 @@ impl<T: Send + 'static> Builder<T> {
             worker: OnceLock::new(),
             closing: AtomicBool::new(false),
             orphaned: AtomicBool::new(false),
-            handling: AtomicUsize::new(0),
             watch: Watch::new(WATCH),
-            consumer: Mutex::new(Consumer::new(handler, self.on_error)),
             help_from: match self.help {
                 Help::Never => usize::MAX,
                 Help::WhenOversubscribed => cpus,
                 Help::Always => 1,
             },
-            delivered_items: AtomicU64::new(0),
-            delivered_batches: AtomicU64::new(0),
-            handler_errors: AtomicU64::new(0),
-            lingered: AtomicU64::new(0),
+            handler: CachePadded::new(HandlerSide {
+                consumer: Mutex::new(Consumer::new(handler, self.on_error)),
+                handling: AtomicUsize::new(0),
+                delivered_items: AtomicU64::new(0),
+                delivered_batches: AtomicU64::new(0),
+                handler_errors: AtomicU64::new(0),
+                lingered: AtomicU64::new(0),
+            }),
         });
         let worker_shared = Arc::clone(&shared);
         let worker = thread::Builder::new()
@@ -494,13 +510,7 @@ impl<T> Batcher<T> {
         }
         if sealed {
             self.shared.wake_worker();
-            // Not from inside the handler: it may run on a producer blocked
-            // in an add (helping), which then retries on the shard it picked
-            // before; moving the route under it would put that item behind
-            // the thread's later items on the new shard.
-            if !crate::worker::in_handler(&self.shared) {
-                route::after_seal(&self.shared, opened);
-            }
+            route::after_seal(&self.shared, opened);
         }
     }
 
@@ -719,7 +729,7 @@ impl<T> Batcher<T> {
             refused: core.refused as u64,
             sealed_full: core.sealed_full as u64,
             sealed_partial: core.sealed_flush.wrapping_add(core.sealed_tick) as u64,
-            lingered: s.lingered.load(Relaxed),
+            lingered: s.handler.lingered.load(Relaxed),
             held: s.core.len() as u64,
             delivered: s.delivered(),
         }
@@ -860,6 +870,52 @@ mod tests {
             }
             let report = batcher.close().unwrap();
             assert_eq!(report.items, PRODUCERS * PER, "{help:?}");
+        }
+    }
+
+    /// The fields that a producer reads when it seals a batch share no
+    /// 128-byte block (a line and its pair, which Intel's adjacent-line
+    /// prefetcher fetches together) with what the handler's thread writes
+    /// for every batch.
+    #[test]
+    fn what_the_handler_writes_shares_no_line_with_what_sealing_reads() {
+        use std::mem::{offset_of, size_of};
+        type S = Shared<u64>;
+        let handler = offset_of!(S, handler);
+        let written =
+            handler / 128..(handler + size_of::<CachePadded<HandlerSide<u64>>>()).div_ceil(128);
+        let read = [
+            (
+                "worker_idle",
+                offset_of!(S, worker_idle),
+                size_of::<AtomicBool>(),
+            ),
+            (
+                "worker",
+                offset_of!(S, worker),
+                size_of::<OnceLock<Thread>>(),
+            ),
+            (
+                "linger",
+                offset_of!(S, linger),
+                size_of::<Option<Duration>>(),
+            ),
+            ("start", offset_of!(S, start), size_of::<Instant>()),
+            (
+                "opened",
+                offset_of!(S, opened),
+                size_of::<Box<[AtomicU64]>>(),
+            ),
+            ("mask", offset_of!(S, mask), size_of::<usize>()),
+            ("core", offset_of!(S, core), size_of::<Core<u64>>()),
+        ];
+        for (name, offset, size) in read {
+            let blocks = offset / 128..(offset + size).div_ceil(128);
+            assert!(
+                blocks.end <= written.start || written.end <= blocks.start,
+                "{name} (bytes {offset}..{}) shares a block with the handler's fields {written:?}",
+                offset + size
+            );
         }
     }
 

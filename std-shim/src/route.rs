@@ -75,7 +75,12 @@ pub(crate) fn after_seal<T>(shared: &Shared<T>, unsealed: bool) {
     }
     let shard = SHARD.get();
     match current_cpu() {
-        Some(cpu) if cpu & shared.mask != shard => {
+        // Not from inside the handler: it may run on a producer blocked in
+        // an add (helping), which then retries on the shard it picked
+        // before; moving the route under it would put that item behind the
+        // thread's later items on the new shard. (Checked only for a move:
+        // the handler's thread writes what this reads for every batch.)
+        Some(cpu) if cpu & shared.mask != shard && !crate::worker::in_handler(shared) => {
             if unsealed {
                 shared.flush_shard(shard);
             }

@@ -97,9 +97,10 @@ impl<T> Consumer<T> {
                 report.items += items;
                 report.batches += 1;
                 report.handler_errors += u64::from(!ok);
-                shared.delivered_items.store(report.items, Relaxed);
-                shared.delivered_batches.store(report.batches, Relaxed);
-                shared.handler_errors.store(report.handler_errors, Relaxed);
+                let h = &*shared.handler;
+                h.delivered_items.store(report.items, Relaxed);
+                h.delivered_batches.store(report.batches, Relaxed);
+                h.handler_errors.store(report.handler_errors, Relaxed);
                 true
             }
             Err(payload) => {
@@ -113,9 +114,9 @@ impl<T> Consumer<T> {
 /// Runs `f`, which runs or drops `shared`'s handler and does not unwind,
 /// marked as this thread's (see [`in_handler`]).
 fn as_handler<T, R>(shared: &Shared<T>, f: impl FnOnce() -> R) -> R {
-    shared.handling.store(thread_number(), Relaxed);
+    shared.handler.handling.store(thread_number(), Relaxed);
     let result = f();
-    shared.handling.store(0, Relaxed);
+    shared.handler.handling.store(0, Relaxed);
     result
 }
 
@@ -125,7 +126,7 @@ fn as_handler<T, R>(shared: &Shared<T>, f: impl FnOnce() -> R) -> R {
 pub(crate) fn in_handler<T>(shared: &Shared<T>) -> bool {
     // Only this thread stores its own number there, and clears it before
     // it stops handling: a stale read is never this thread's number.
-    shared.handling.load(Relaxed) == thread_number()
+    shared.handler.handling.load(Relaxed) == thread_number()
 }
 
 /// Called by a producer blocked for a buffer, with helping on: handles the
@@ -223,7 +224,7 @@ fn work<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
                 if opened.compare_exchange(stamp, 0, SeqCst, Relaxed).is_ok()
                     && shared.core.producer(shard).flush()
                 {
-                    shared.lingered.fetch_add(1, Relaxed);
+                    shared.handler.lingered.fetch_add(1, Relaxed);
                 }
                 lingered = true;
             }
