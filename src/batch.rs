@@ -80,6 +80,38 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Batch<'a, T, S, L, R> {
     }
 }
 
+impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Batch<'a, T, S, L, R> {
+    /// Drops the items left in the batch, hands its buffer back and takes
+    /// the next sealed batch, if any: what dropping the guard and calling
+    /// [`try_take`](RawBatcher::try_take) do, with one hold of the batcher's
+    /// queue lock instead of two. For a consumer that handles batches back
+    /// to back. The buffer is handed back even when none is waiting.
+    ///
+    /// ```
+    /// static EVENTS: snail::Batcher<u32, 2, 4> = snail::Batcher::new();
+    ///
+    /// (0..5).for_each(|i| EVENTS.try_add(i).unwrap());
+    /// let mut seen = Vec::new();
+    /// let mut next = EVENTS.try_take();
+    /// while let Some(mut batch) = next {
+    ///     seen.extend(batch.drain());
+    ///     next = batch.take_next();
+    /// }
+    /// assert_eq!(seen, [0, 1, 2, 3]); // 4 waits in a partial batch
+    /// ```
+    pub fn take_next(mut self) -> Option<Self> {
+        // If an item's destructor panics, `self` is dropped while unwinding
+        // and hands the buffer back on its own.
+        drop(self.drain());
+        let batcher = self.batcher;
+        let buffer = self.buffer;
+        // Empty now: nothing is left for the guard's `Drop` but the buffer,
+        // which the next line hands back.
+        core::mem::forget(self);
+        batcher.recycle_and_take(buffer)
+    }
+}
+
 impl<T, S: Storage<T, L>, L: RawLock, R: Relax> core::ops::Deref for Batch<'_, T, S, L, R> {
     type Target = [T];
 

@@ -402,27 +402,43 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
     }
 
     /// Takes the oldest sealed batch, if any. Dropping the guard drops the
-    /// items left in it and hands the buffer back to producers.
+    /// items left in it and hands the buffer back to producers;
+    /// [`Batch::take_next`] does that and takes the next batch in one step.
     pub fn try_take(&self) -> Option<Batch<'_, T, S, L, R>> {
-        let metas = self.storage.metas();
+        let (buffer, len) = self.hub.with_queue(|q| self.pop_sealed(q))?;
+        Some(Batch::new(self, buffer, len))
+    }
+
+    /// Hands taken buffer `b` back and takes the oldest sealed batch, under
+    /// one hold of the queue lock; for [`Batch::take_next`].
+    pub(crate) fn recycle_and_take(&self, b: usize) -> Option<Batch<'_, T, S, L, R>> {
         let (buffer, len) = self.hub.with_queue(|q| {
-            let b = q.sealed_head;
-            if b == NONE {
-                return None;
-            }
-            // SAFETY: the queue lock is held; sealed buffers' metadata is
-            // only touched under it.
-            let (next, len) = unsafe { (metas[b].next.with(|p| *p), metas[b].len.with(|p| *p)) };
-            q.sealed_head = next;
-            if next == NONE {
-                q.sealed_tail = NONE;
-            }
-            q.sealed_items -= len;
-            self.hub.sealed_hint.store(q.sealed_items, Ordering::SeqCst);
-            q.taken = q.taken.wrapping_add(1);
-            Some((b, len))
+            self.push_free(q, b);
+            self.pop_sealed(q)
         })?;
         Some(Batch::new(self, buffer, len))
+    }
+
+    /// Unlinks the oldest sealed batch: its buffer and length. Called with
+    /// the queue lock held (`q`).
+    #[inline(always)]
+    fn pop_sealed(&self, q: &mut Queue) -> Option<(usize, usize)> {
+        let metas = self.storage.metas();
+        let b = q.sealed_head;
+        if b == NONE {
+            return None;
+        }
+        // SAFETY: the queue lock is held; sealed buffers' metadata is only
+        // touched under it.
+        let (next, len) = unsafe { (metas[b].next.with(|p| *p), metas[b].len.with(|p| *p)) };
+        q.sealed_head = next;
+        if next == NONE {
+            q.sealed_tail = NONE;
+        }
+        q.sealed_items -= len;
+        self.hub.sealed_hint.store(q.sealed_items, Ordering::SeqCst);
+        q.taken = q.taken.wrapping_add(1);
+        Some((b, len))
     }
 
     /// `true` if a buffer is free at this moment: a hint for a producer
@@ -617,17 +633,21 @@ impl<T, S: Storage<T, L>, L: RawLock, R: Relax> RawBatcher<T, S, L, R> {
 
     /// Returns a taken buffer to the free list.
     pub(crate) fn recycle(&self, b: usize) {
+        self.hub.with_queue(|q| self.push_free(q, b));
+    }
+
+    /// Links taken buffer `b` into the free list. Called with the queue
+    /// lock held (`q`).
+    #[inline(always)]
+    fn push_free(&self, q: &mut Queue, b: usize) {
         let metas = self.storage.metas();
-        let hub = &*self.hub;
-        hub.with_queue(|q| {
-            // SAFETY: the queue lock is held and `b` was taken, so nobody
-            // else touches its metadata.
-            unsafe { metas[b].next.with_mut(|p| *p = q.free_head) };
-            q.free_head = b;
-            // Inside the lock: a producer that claims this buffer takes the
-            // lock after this section, so it finds the buffer on the list.
-            hub.free.fetch_add(1, Ordering::Release);
-        });
+        // SAFETY: the queue lock is held and `b` was taken, so nobody else
+        // touches its metadata.
+        unsafe { metas[b].next.with_mut(|p| *p = q.free_head) };
+        q.free_head = b;
+        // Inside the lock: a producer that claims this buffer takes the lock
+        // after this section, so it finds the buffer on the list.
+        self.hub.free.fetch_add(1, Ordering::Release);
     }
 
     /// Writes items pulled from `next` into the shard, opening and sealing

@@ -671,6 +671,55 @@ fn guards_can_be_held_together_and_dropped_in_any_order() {
 }
 
 #[test]
+fn take_next_hands_the_buffer_back_and_takes_the_next_batch_in_order() {
+    reset();
+    let b: Batcher<Tracked, 2, 3> = Batcher::new();
+    b.try_add_many(&tracked(0..6));
+    let base = dropped();
+    let mut first = b.try_take().unwrap();
+    assert_eq!(values(&first.drain().collect::<Vec<_>>()), vec![0, 1]);
+    let second = first.take_next().unwrap();
+    // The first buffer is free again: the next item opens it.
+    b.try_add(Tracked::new(6)).unwrap();
+    assert_eq!(values(&second), vec![2, 3]);
+    // Items left in the batch are dropped by `take_next`, once.
+    let third = second.take_next().unwrap();
+    assert_eq!(dropped(), base + 2 + 2);
+    assert_eq!(values(&third), vec![4, 5]);
+    b.flush();
+    let fourth = third.take_next().unwrap();
+    assert_eq!(values(&fourth), vec![6]);
+    assert!(fourth.take_next().is_none());
+    // Every buffer came back, also the last one, with no batch after it.
+    assert_eq!(b.try_add_many(&tracked(10..16)), 6);
+    let stats = b.stats();
+    assert_eq!(
+        (stats.taken, stats.sealed_full, stats.sealed_flush),
+        (4, 6, 1)
+    );
+    drop(b);
+    assert_eq!(live(), 0);
+}
+
+#[test]
+fn take_next_hands_the_buffer_back_when_an_item_destructor_panics() {
+    reset();
+    let b: Batcher<Tracked, 3, 2> = Batcher::new();
+    b.try_add_many(&tracked(0..6));
+    let base = dropped();
+    POISON_DROP.with(|p| p.set(Some(1)));
+    let guard = b.try_take().unwrap();
+    assert!(catch_unwind(AssertUnwindSafe(|| guard.take_next())).is_err());
+    POISON_DROP.with(|p| p.set(None));
+    assert_eq!(dropped(), base + 3, "the items after the panicking one too");
+    // The buffer came back; the next batch was not taken.
+    assert_eq!(b.try_add_many(&tracked(6..9)), 3);
+    assert_eq!(values(&b.try_take().unwrap()), vec![3, 4, 5]);
+    drop(b);
+    assert_eq!(live(), 0);
+}
+
+#[test]
 fn a_leaked_guard_leaks_its_buffer_but_nothing_is_dropped_twice() {
     reset();
     let b: Batcher<Tracked, 2, 2> = Batcher::new();

@@ -107,6 +107,11 @@ enum Op {
         which: usize,
         how: Consume,
     },
+    /// Hand a held guard's buffer back and take the next batch in its
+    /// place (`take_next`: the guard's items are dropped).
+    TakeNext {
+        which: usize,
+    },
     /// Reverse a held guard's items in place (`DerefMut`).
     Reverse {
         which: usize,
@@ -142,6 +147,7 @@ fn op_adding_many(many: usize) -> impl Strategy<Value = Op> {
         2 => Just(Op::Hold),
         3 => (0..2usize, consume()).prop_map(|(which, how)| Op::Release { which, how }),
         1 => (0..2usize).prop_map(|which| Op::Reverse { which }),
+        2 => (0..2usize).prop_map(|which| Op::TakeNext { which }),
     ]
 }
 
@@ -547,6 +553,31 @@ fn run<S: Storage<Tracked, SpinLock>>(
                 let expected = m.held.remove(i);
                 consume_guard(guard, &expected, how)?;
                 m.consume(expected.len(), how);
+            }
+            Op::TakeNext { which } => {
+                if held.is_empty() {
+                    continue;
+                }
+                let i = which % held.len();
+                let guard = held.remove(i);
+                let expected = m.held.remove(i);
+                prop_assert_eq!(ids(&guard), &expected[..]);
+                let next = guard.take_next();
+                m.consume(expected.len(), Consume::DropGuard);
+                match (next, m.take()) {
+                    (None, None) => {}
+                    (Some(guard), Some(expected)) => {
+                        prop_assert_eq!(ids(&guard), &expected[..]);
+                        held.insert(i, guard);
+                        m.held.insert(i, expected);
+                    }
+                    (got, expected) => prop_assert!(
+                        false,
+                        "take_next: got {:?}, model {:?}",
+                        got.map(|g| ids(&g)),
+                        expected
+                    ),
+                }
             }
             Op::Reverse { which } => {
                 if held.is_empty() {
