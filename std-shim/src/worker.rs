@@ -34,10 +34,11 @@ pub(crate) struct Consumer<T> {
 
 /// The handler and the error hook, behind one object-safe call.
 trait HandleBatch<T>: Send {
-    /// Runs the handler on `batch` and drops the batch; `Ok(false)` if the
-    /// handler returned an error (the hook has seen it), `Err` with the
-    /// payload if it panicked.
-    fn handle(&mut self, batch: Batch<'_, T>) -> Result<bool, Box<dyn Any + Send>>;
+    /// Runs the handler on `batch` and drops the items it left there;
+    /// `Ok(false)` if the handler returned an error (the hook has seen
+    /// it), `Err` with the payload if it (or an item's destructor)
+    /// panicked.
+    fn handle(&mut self, batch: &mut Batch<'_, T>) -> Result<bool, Box<dyn Any + Send>>;
 }
 
 struct Handler<F> {
@@ -50,11 +51,10 @@ where
     F: FnMut(&mut Batch<'_, T>) -> Result<(), E> + Send,
     E: fmt::Display,
 {
-    fn handle(&mut self, batch: Batch<'_, T>) -> Result<bool, Box<dyn Any + Send>> {
+    fn handle(&mut self, batch: &mut Batch<'_, T>) -> Result<bool, Box<dyn Any + Send>> {
         catch_unwind(AssertUnwindSafe(|| {
-            let mut batch = batch;
-            let result = (self.handler)(&mut batch);
-            drop(batch); // recycles the buffer, dropping what is left
+            let result = (self.handler)(batch);
+            drop(batch.drain()); // what the handler left
             if let Err(e) = &result {
                 if let Some(hook) = self.on_error.as_mut() {
                     hook(e);
@@ -79,35 +79,48 @@ impl<T> Consumer<T> {
         }
     }
 
-    /// Takes the oldest sealed batch and hands it to the handler. `false`
+    /// Hands the sealed batches to the handler, oldest first, until none is
+    /// left (or after the first, with `one`). Each batch after the first is
+    /// taken as the one before hands its buffer back, under one hold of the
+    /// queue lock ([`Batch::take_next`](snail::Batch::take_next)). `false`
     /// if there was none, or a handler panicked (now or before).
-    fn handle_next(&mut self, shared: &Shared<T>) -> bool {
+    fn handle_sealed(&mut self, shared: &Shared<T>, one: bool) -> bool {
         let Some(handle) = self.handle.as_mut().filter(|_| self.failed.is_none()) else {
             return false;
         };
-        let Some(batch) = shared.core.try_take() else {
-            return false;
-        };
-        let items = batch.len() as u64;
-        let outcome = as_handler(shared, || handle.handle(batch));
-        shared.watch.notify_freed();
-        match outcome {
-            Ok(ok) => {
-                let report = &mut self.report;
-                report.items += items;
-                report.batches += 1;
-                report.handler_errors += u64::from(!ok);
-                let h = &*shared.handler;
-                h.delivered_items.store(report.items, Relaxed);
-                h.delivered_batches.store(report.batches, Relaxed);
-                h.handler_errors.store(report.handler_errors, Relaxed);
-                true
-            }
-            Err(payload) => {
-                self.failed = Some(fail(shared, &*payload, items, self.report));
-                false
-            }
+        let mut next = shared.core.try_take();
+        let handled = next.is_some();
+        while let Some(mut batch) = next {
+            let items = batch.len() as u64;
+            let ok = match as_handler(shared, || handle.handle(&mut batch)) {
+                Ok(ok) => ok,
+                Err(payload) => {
+                    // Drops what the panic left in the batch (an item's
+                    // destructor may panic too: the handler's panic is the
+                    // one reported) and hands the buffer back.
+                    let _ = catch_unwind(AssertUnwindSafe(|| drop(batch)));
+                    shared.watch.notify_freed();
+                    self.failed = Some(fail(shared, &*payload, items, self.report));
+                    return false;
+                }
+            };
+            next = if one {
+                drop(batch);
+                None
+            } else {
+                batch.take_next()
+            };
+            shared.watch.notify_freed();
+            let report = &mut self.report;
+            report.items += items;
+            report.batches += 1;
+            report.handler_errors += u64::from(!ok);
+            let h = &*shared.handler;
+            h.delivered_items.store(report.items, Relaxed);
+            h.delivered_batches.store(report.batches, Relaxed);
+            h.handler_errors.store(report.handler_errors, Relaxed);
         }
+        handled
     }
 }
 
@@ -137,7 +150,7 @@ pub(crate) fn help<T>(shared: &Shared<T>) -> bool {
     let Some(mut consumer) = shared.try_lock_consumer() else {
         return false;
     };
-    let handled = consumer.handle_next(shared);
+    let handled = consumer.handle_sealed(shared, true);
     if consumer.failed.is_some() {
         // The worker returns the error; wake it to do so (`fail` has set
         // `closing`, which a worker about to park sees).
@@ -178,15 +191,14 @@ fn work<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
     let mut seen = vec![0u64; shared.opened.len()];
     loop {
         // Read before draining: once `closing` is set every accepted item
-        // is in a sealed batch, so the drain below finds them all. The lock
-        // is taken per batch so that helping producers can take turns; a
-        // batch a producer is handling is finished when the worker gets the
-        // lock, so the last look (with the lock held) sees the queue empty
-        // only once everything taken was handled.
+        // is in a sealed batch, so the drain below finds them all. A batch
+        // a producer is handling is finished when the worker gets the lock,
+        // so the last look (with the lock held) sees the queue empty only
+        // once everything taken was handled.
         let closing = shared.closing.load(SeqCst);
         loop {
             let mut consumer = shared.lock_consumer();
-            let handled = consumer.handle_next(shared);
+            let handled = consumer.handle_sealed(shared, false);
             if let Some(failed) = &consumer.failed {
                 return Err(failed.clone());
             }
