@@ -305,3 +305,41 @@ fn an_item_panicking_as_it_is_dropped_after_a_handler_panic_is_counted() {
     assert_eq!((err.batch_items, err.dropped_items), (1, 2));
     assert_eq!((err.report.items, err.report.batches), (2, 1));
 }
+
+/// Panics whenever it is dropped with `true`, even while a panic unwinds
+/// (where `Bomb` holds back: a second panic in an unwind aborts).
+struct Mine(bool);
+
+impl Drop for Mine {
+    fn drop(&mut self) {
+        if self.0 {
+            panic!("a mine went off");
+        }
+    }
+}
+
+/// The handler panics, leaving an item in its batch that panics as it is
+/// dropped. The batch is dropped after the handler's panic was caught, not
+/// while it unwinds, so the process does not abort: `close` reports the
+/// handler's panic. (Before 2026-11-28 the batch was dropped during the
+/// unwind, and such an item aborted the process.)
+#[test]
+fn an_item_of_the_panicking_batch_that_panics_as_it_is_dropped() {
+    let b = Batcher::<Mine>::builder()
+        .batch_size(2)
+        .linger(Duration::MAX)
+        .shards(1)
+        .spawn(|batch| {
+            if batch.iter().any(|m| m.0) {
+                panic!("the handler fails");
+            }
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    b.add_many([Mine(false), Mine(false)]).unwrap(); // delivered
+    b.add_many([Mine(true), Mine(false)]).unwrap(); // the handler panics
+    let err = b.close().unwrap_err();
+    assert_eq!(err.message, "the handler fails");
+    assert_eq!((err.batch_items, err.dropped_items), (2, 0));
+    assert_eq!((err.report.items, err.report.batches), (2, 1));
+}
