@@ -3,10 +3,10 @@
 //! The SysTick exception handler is the producer: each tick it adds a burst
 //! of numbered items `0, 1, 2, ..` with `try_add`, and when the batcher is
 //! full it counts the refusal and retries the same number on the next tick.
-//! The main loop is the consumer: it takes batches with `try_take`, drains
-//! them, checks that every number arrives exactly once and in order, and
-//! calls `tick()` once per SysTick period so that partial batches (and the
-//! last one) get sealed. Now and then it holds a batch for a few ticks, so
+//! The main loop is the consumer: it takes batches with `try_take` and
+//! `take_next`, drains them, checks that every number arrives exactly once
+//! and in order, and calls `tick()` once per SysTick period so that partial
+//! batches (and the last one) get sealed. Now and then it holds a batch for a few ticks, so
 //! that the producer finds every buffer in use and is refused.
 //!
 //! The result goes to the host through semihosting; the exit status of QEMU
@@ -64,7 +64,10 @@ fn main() -> ! {
 
     while expected < N {
         let mut idle = true;
-        while let Some(mut batch) = BATCHER.try_take() {
+        // From one batch to the next with `take_next`: the buffer goes back
+        // and the next batch comes out in one critical section.
+        let mut next = BATCHER.try_take();
+        while let Some(mut batch) = next {
             idle = false;
             batches += 1;
             let len = batch.len();
@@ -106,6 +109,7 @@ fn main() -> ! {
                     "batch {batches} held {len} items but drained {drained}"
                 ));
             }
+            next = batch.take_next();
         }
 
         let now = TICKS.load(Relaxed);
