@@ -29,7 +29,7 @@
 //!
 //! Under `--cfg snail_std_loom` the atomics, the mutex and the condvar come
 //! from loom, and the models at the end of this file check the protocol:
-//! bounded ones (two or three producers, one block each, 2 or 3
+//! bounded ones (two or three producers, one of which may block twice, 2 or 3
 //! preemptions, no timeouts, no helping). Loom has no timeouts, so a lost
 //! wake-up is a deadlock there.
 
@@ -372,6 +372,31 @@ mod models {
         let mut builder = loom::model::Builder::new();
         builder.preemption_bound = Some(builder.preemption_bound.map_or(2, |b| b.min(2)));
         builder.check(|| each_blocked_producer_gets_a_buffer(2, 3, 0));
+    }
+
+    /// One producer blocks twice in a row (as a producer does whose every
+    /// add waits), the other once; three buffers are freed one after the
+    /// other: every take gets one. Its second block starts from whatever
+    /// its first left behind (the counts, a signal it slept through, a
+    /// turn on the watch it was called to).
+    #[test]
+    fn a_producer_that_blocks_twice() {
+        loom::model(|| {
+            let pool = Pool::new(1);
+            let twice = {
+                let pool = Arc::clone(&pool);
+                thread::spawn(move || pool.take(0, None) && pool.take(0, None))
+            };
+            let once = blocked_producers(&pool, 1, 0);
+            for _ in 0..3 {
+                pool.free_one();
+            }
+            assert!(twice.join().unwrap(), "the second block got no buffer");
+            for p in once {
+                assert!(p.join().unwrap(), "a producer got no buffer");
+            }
+            assert_eq!(pool.watch.counts(), (0, 0, 0));
+        });
     }
 
     /// One producer gives up after its first failed retry (on the watch,
