@@ -186,6 +186,13 @@ impl<T> Shared<T> {
         }
     }
 
+    /// `true` while enough producers are blocked that they may run the
+    /// handler themselves ([`Builder::help_when_blocked`]).
+    #[inline]
+    pub(crate) fn may_help(&self) -> bool {
+        self.watch.blocked() >= self.help_from
+    }
+
     /// Wakes the worker if it is parked or about to park.
     #[inline]
     pub(crate) fn wake_worker(&self) {
@@ -655,7 +662,7 @@ impl<T> Batcher<T> {
             } else if attempts <= SPINS + YIELDS {
                 // Retry at once after handling a batch: that freed a buffer.
                 if may_help
-                    && shared.watch.blocked() >= shared.help_from
+                    && shared.may_help()
                     && shared.core.has_sealed()
                     && crate::worker::help(shared)
                 {

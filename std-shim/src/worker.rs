@@ -80,10 +80,11 @@ impl<T> Consumer<T> {
     }
 
     /// Hands the sealed batches to the handler, oldest first, until none is
-    /// left (or after the first, with `one`). Each batch after the first is
-    /// taken as the one before hands its buffer back, under one hold of the
-    /// queue lock ([`Batch::take_next`](snail::Batch::take_next)). `false`
-    /// if there was none, or a handler panicked (now or before).
+    /// left, or after the first with `one` or while blocked producers may
+    /// help ([`Shared::may_help`]). Each batch after the first is taken as
+    /// the one before hands its buffer back, under one hold of the queue
+    /// lock ([`Batch::take_next`](snail::Batch::take_next)). `false` if
+    /// there was none, or a handler panicked (now or before).
     fn handle_sealed(&mut self, shared: &Shared<T>, one: bool) -> bool {
         let Some(handle) = self.handle.as_mut().filter(|_| self.failed.is_none()) else {
             return false;
@@ -104,7 +105,10 @@ impl<T> Consumer<T> {
                     return false;
                 }
             };
-            next = if one {
+            // The worker lets go of the handler between batches while
+            // producers may help: holding it across batches would keep
+            // them out for as long as batches keep coming.
+            next = if one || shared.may_help() {
                 drop(batch);
                 None
             } else {
