@@ -98,8 +98,10 @@ impl<T> Consumer<T> {
                 Err(payload) => {
                     // Drops what the panic left in the batch (an item's
                     // destructor may panic too: the handler's panic is the
-                    // one reported) and hands the buffer back.
-                    let _ = catch_unwind(AssertUnwindSafe(|| drop(batch)));
+                    // one reported) and hands the buffer back, still marked
+                    // as the handler's, so a destructor that calls `close`
+                    // gets an error instead of waiting for this thread.
+                    let _ = as_handler(shared, || catch_unwind(AssertUnwindSafe(|| drop(batch))));
                     shared.watch.notify_freed();
                     self.failed = Some(fail(shared, &*payload, items, self.report));
                     return false;

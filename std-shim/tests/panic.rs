@@ -343,3 +343,61 @@ fn an_item_of_the_panicking_batch_that_panics_as_it_is_dropped() {
     assert_eq!((err.batch_items, err.dropped_items), (2, 0));
     assert_eq!((err.report.items, err.report.batches), (2, 1));
 }
+
+/// An item that closes its batcher as it is dropped: it reaches the
+/// batcher through `me` and sends what `close` returned.
+struct Closer {
+    me: Arc<std::sync::OnceLock<std::sync::Weak<Batcher<Closer>>>>,
+    closed: Option<mpsc::Sender<Result<snail_std::Report, HandlerPanicked>>>,
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.closed.take() {
+            if let Some(b) = self.me.get().and_then(|w| w.upgrade()) {
+                let _ = tx.send(b.close());
+            }
+        }
+    }
+}
+
+/// The handler panics and leaves an item whose destructor calls `close`.
+/// That item is dropped as the handler's (on the worker thread), so its
+/// `close` returns at once instead of joining the worker from the worker,
+/// and the owner's `close` still reports the handler's panic. (Before
+/// 2026-11-28 the item was dropped outside the handler's mark: its `close`
+/// took the worker's handle and failed to join it, and the owner's `close`
+/// then found no worker and reported success.)
+#[test]
+fn an_item_of_the_panicking_batch_that_closes_the_batcher_as_it_is_dropped() {
+    let me = Arc::new(std::sync::OnceLock::new());
+    let b = Arc::new(
+        Batcher::<Closer>::builder()
+            .batch_size(2)
+            .linger(Duration::MAX)
+            .shards(1)
+            .spawn(|batch| {
+                if batch.iter().any(|c| c.closed.is_some()) {
+                    panic!("the handler fails");
+                }
+                Ok::<(), String>(())
+            })
+            .unwrap(),
+    );
+    me.set(Arc::downgrade(&b)).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let item = |closed| Closer {
+        me: Arc::clone(&me),
+        closed,
+    };
+    b.add_many([item(None), item(None)]).unwrap(); // delivered
+    b.add_many([item(Some(tx)), item(None)]).unwrap(); // the handler panics
+    let inside = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the item's close returned");
+    assert_eq!(inside.expect("not the outcome yet").items, 2);
+    let err = b.close().unwrap_err();
+    assert_eq!(err.message, "the handler fails");
+    assert_eq!((err.batch_items, err.dropped_items), (2, 0));
+    assert_eq!((err.report.items, err.report.batches), (2, 1));
+}
