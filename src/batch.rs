@@ -8,7 +8,8 @@ use crate::lock::RawLock;
 use crate::relax::Relax;
 use crate::storage::{drop_slots, Slot, Storage};
 
-/// A sealed batch taken by [`RawBatcher::try_take`].
+/// A sealed batch taken by [`RawBatcher::try_take`] or
+/// [`Batch::take_next`].
 ///
 /// It derefs to `[T]` and `&mut [T]`; [`drain`](Batch::drain) moves the
 /// items out. Dropping the guard drops the items still in it and hands the
@@ -99,6 +100,7 @@ impl<'a, T, S: Storage<T, L>, L: RawLock, R: Relax> Batch<'a, T, S, L, R> {
     /// }
     /// assert_eq!(seen, [0, 1, 2, 3]); // 4 waits in a partial batch
     /// ```
+    #[must_use = "the batch taken is handed back as soon as it is dropped"]
     pub fn take_next(mut self) -> Option<Self> {
         // If an item's destructor panics, `self` is dropped while unwinding
         // and hands the buffer back on its own.

@@ -108,7 +108,8 @@ pub struct HandlerPanicked {
     /// Items accepted later or still queued, dropped without reaching the
     /// handler.
     pub dropped_items: u64,
-    /// What was delivered before (and including) the panicking batch.
+    /// What was delivered before the panicking batch (which is not
+    /// counted here: its items are in `batch_items`).
     pub report: Report,
 }
 
