@@ -107,10 +107,12 @@ enum Op {
         which: usize,
         how: Consume,
     },
-    /// Hand a held guard's buffer back and take the next batch in its
-    /// place (`take_next`: the guard's items are dropped).
+    /// Consume a held guard's items as `first` says (`DropGuard`: leave
+    /// them), then hand its buffer back and take the next batch in its
+    /// place (`take_next`, which drops what is left).
     TakeNext {
         which: usize,
+        first: Consume,
     },
     /// Reverse a held guard's items in place (`DerefMut`).
     Reverse {
@@ -126,6 +128,14 @@ fn consume() -> impl Strategy<Value = Consume> {
         1 => (0..5usize).prop_map(Consume::LeakDrain),
         1 => Just(Consume::ForgetGuard),
     ]
+}
+
+/// The ways to consume a guard's items that leave the guard.
+fn consume_in_place() -> impl Strategy<Value = Consume> {
+    consume().prop_map(|how| match how {
+        Consume::ForgetGuard => Consume::DropGuard,
+        how => how,
+    })
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -147,7 +157,7 @@ fn op_adding_many(many: usize) -> impl Strategy<Value = Op> {
         2 => Just(Op::Hold),
         3 => (0..2usize, consume()).prop_map(|(which, how)| Op::Release { which, how }),
         1 => (0..2usize).prop_map(|which| Op::Reverse { which }),
-        2 => (0..2usize).prop_map(|which| Op::TakeNext { which }),
+        2 => (0..2usize, consume_in_place()).prop_map(|(which, first)| Op::TakeNext { which, first }),
     ]
 }
 
@@ -345,6 +355,20 @@ fn consume_guard<S: Storage<Tracked, SpinLock>>(
     expected: &[u32],
     how: Consume,
 ) -> Result<(), TestCaseError> {
+    consume_items(&mut guard, expected, how)?;
+    if let Consume::ForgetGuard = how {
+        std::mem::forget(guard);
+    }
+    Ok(())
+}
+
+/// Consumes a real guard's items as `how` says (all but forgetting the
+/// guard, which is left to the caller) and checks the items it yields.
+fn consume_items<S: Storage<Tracked, SpinLock>>(
+    guard: &mut Guard<'_, S>,
+    expected: &[u32],
+    how: Consume,
+) -> Result<(), TestCaseError> {
     prop_assert_eq!(ids(&guard), expected);
     prop_assert_eq!(guard.len(), expected.len());
     match how {
@@ -365,8 +389,7 @@ fn consume_guard<S: Storage<Tracked, SpinLock>>(
             }
             prop_assert!(guard.is_empty());
         }
-        Consume::DropGuard => {}
-        Consume::ForgetGuard => std::mem::forget(guard),
+        Consume::DropGuard | Consume::ForgetGuard => {}
     }
     Ok(())
 }
@@ -554,16 +577,16 @@ fn run<S: Storage<Tracked, SpinLock>>(
                 consume_guard(guard, &expected, how)?;
                 m.consume(expected.len(), how);
             }
-            Op::TakeNext { which } => {
+            Op::TakeNext { which, first } => {
                 if held.is_empty() {
                     continue;
                 }
                 let i = which % held.len();
-                let guard = held.remove(i);
+                let mut guard = held.remove(i);
                 let expected = m.held.remove(i);
-                prop_assert_eq!(ids(&guard), &expected[..]);
+                consume_items(&mut guard, &expected, first)?;
                 let next = guard.take_next();
-                m.consume(expected.len(), Consume::DropGuard);
+                m.consume(expected.len(), first);
                 match (next, m.take()) {
                     (None, None) => {}
                     (Some(guard), Some(expected)) => {
