@@ -374,11 +374,14 @@ mod models {
         builder.check(|| each_blocked_producer_gets_a_buffer(2, 3, 0));
     }
 
-    /// One producer blocks twice in a row (as a producer does whose every
-    /// add waits), the other once; three buffers are freed one after the
-    /// other: every take gets one. Its second block starts from whatever
-    /// its first left behind (the counts, a signal it slept through, a
-    /// turn on the watch it was called to).
+    /// One producer takes two buffers one after the other, the other one;
+    /// three buffers are freed one after the other: every take gets one.
+    /// A take waits only if no buffer is free yet, so the first producer
+    /// blocks twice in a row (as a producer does whose every add waits)
+    /// only in the interleavings where the frees come late; there its
+    /// second block starts from whatever its first left behind (the
+    /// counts, a signal it slept through, a turn on the watch it was
+    /// called to).
     #[test]
     fn a_producer_that_blocks_twice() {
         loom::model(|| {
