@@ -843,44 +843,56 @@ fn guard_drop_frees_buffer_for_waiting_add() {
 /// A consumer that goes from batch to batch with `take_next` (hand the
 /// buffer back and take the next batch under one hold of the queue lock)
 /// while the producer fills both buffers and waits for one: the waiting
-/// add completes, and every item comes out once, in order.
+/// add completes, and every item comes out once, in order. The consumer
+/// drains each batch first, or only reads it and leaves its items for
+/// `take_next` to drop.
 #[test]
 fn take_next_frees_buffer_for_waiting_add() {
-    model("take_next_frees_buffer_for_waiting_add", || {
-        let drops = Drops::new();
-        let sealed = Wake::new();
-        let b = Arc::new(Batcher::<Item, 1, 2>::new());
-        let producer = {
-            let (b, d, sealed) = (b.clone(), drops.clone(), sealed.clone());
-            spawn_producer(d.clone(), move || {
-                for s in 0..3 {
-                    b.producer(0).add(d.item(0, s)).unwrap();
-                    sealed.wake();
-                }
-            })
-        };
-        sealed.wait();
-        let mut log = Log::new();
-        {
-            let mut next = b.try_take();
-            assert!(next.is_some(), "woken for a sealed batch");
-            // At most the three batches: the loop is bounded.
-            while let Some(mut batch) = next {
-                log.extend(batch.drain().map(|item| item.id()));
-                next = batch.take_next();
+    for drain in [true, false] {
+        model("take_next_frees_buffer_for_waiting_add", move || {
+            take_next_with_a_waiting_add(drain)
+        });
+    }
+}
+
+fn take_next_with_a_waiting_add(drain: bool) {
+    let drops = Drops::new();
+    let sealed = Wake::new();
+    let b = Arc::new(Batcher::<Item, 1, 2>::new());
+    let producer = {
+        let (b, d, sealed) = (b.clone(), drops.clone(), sealed.clone());
+        spawn_producer(d.clone(), move || {
+            for s in 0..3 {
+                b.producer(0).add(d.item(0, s)).unwrap();
+                sealed.wake();
             }
+        })
+    };
+    sealed.wait();
+    let mut log = Log::new();
+    {
+        let mut next = b.try_take();
+        assert!(next.is_some(), "woken for a sealed batch");
+        // At most the three batches: the loop is bounded.
+        while let Some(mut batch) = next {
+            if drain {
+                log.extend(batch.drain().map(|item| item.id()));
+            } else {
+                log.extend(batch.iter().map(Item::id));
+            }
+            next = batch.take_next();
         }
-        producer.join().unwrap();
-        drain_rest(&b, &mut log);
-        check(&log, &[3]);
-        assert_eq!(b.stats().taken, 3);
-        // Both buffers came back: two more batches fit.
-        for s in 0..2 {
-            assert!(b.try_add(drops.item(1, s)).is_ok(), "a buffer was lost");
-        }
-        drop(b);
-        drops.assert_all_dropped(&[3, 2]);
-    });
+    }
+    producer.join().unwrap();
+    drain_rest(&b, &mut log);
+    check(&log, &[3]);
+    assert_eq!(b.stats().taken, 3);
+    // Both buffers came back: two more batches fit.
+    for s in 0..2 {
+        assert!(b.try_add(drops.item(1, s)).is_ok(), "a buffer was lost");
+    }
+    drop(b);
+    drops.assert_all_dropped(&[3, 2]);
 }
 
 // ---------------------------------------------------------------------------
