@@ -369,7 +369,7 @@ fn consume_items<S: Storage<Tracked, SpinLock>>(
     expected: &[u32],
     how: Consume,
 ) -> Result<(), TestCaseError> {
-    prop_assert_eq!(ids(&guard), expected);
+    prop_assert_eq!(ids(guard), expected);
     prop_assert_eq!(guard.len(), expected.len());
     match how {
         Consume::DrainAll => {
