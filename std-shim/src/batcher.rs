@@ -884,6 +884,42 @@ mod tests {
     /// 128-byte block (a line and its pair, which Intel's adjacent-line
     /// prefetcher fetches together) with what the handler's thread writes
     /// for every batch.
+    /// While blocked producers may help, the worker's `handle_sealed`
+    /// hands one batch to the handler and lets go of it, instead of going
+    /// on to the next batch: holding the handler across batches shut
+    /// helpers out for as long as batches kept coming (under
+    /// qemu-aarch64, a test timed out on it). With nobody blocked it goes
+    /// on. The test holds the handler's lock and acts as the worker.
+    #[test]
+    fn the_worker_lets_go_of_the_handler_between_batches_while_producers_may_help() {
+        let (tx, rx) = mpsc::channel();
+        let b = Batcher::<u64>::builder()
+            .batch_size(1)
+            .queue_size(8)
+            .linger(Duration::MAX)
+            .shards(1)
+            .help_when_blocked(Help::Always)
+            .spawn(move |batch| {
+                tx.send(batch[0]).unwrap();
+                Ok::<(), String>(())
+            })
+            .unwrap();
+        let shared = &*b.shared;
+        let mut consumer = shared.lock_consumer(); // the worker waits for it
+        (0..3).for_each(|i| b.try_add(i).unwrap()); // three sealed batches
+        let blocked = Blocked::join(&shared.watch);
+        assert!(shared.may_help());
+        assert!(consumer.handle_sealed(shared, false));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [0], "one batch only");
+        drop(blocked);
+        assert!(!shared.may_help());
+        assert!(consumer.handle_sealed(shared, false));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [1, 2], "the rest");
+        assert!(!consumer.handle_sealed(shared, false), "none left");
+        drop(consumer);
+        assert_eq!(b.close().unwrap().items, 3);
+    }
+
     /// Only where `CachePadded` pads to 128 bytes.
     #[test]
     #[cfg(any(

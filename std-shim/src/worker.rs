@@ -85,7 +85,7 @@ impl<T> Consumer<T> {
     /// the one before hands its buffer back, under one hold of the queue
     /// lock ([`Batch::take_next`](snail::Batch::take_next)). `false` if
     /// there was none, or a handler panicked (now or before).
-    fn handle_sealed(&mut self, shared: &Shared<T>, one: bool) -> bool {
+    pub(crate) fn handle_sealed(&mut self, shared: &Shared<T>, one: bool) -> bool {
         let Some(handle) = self.handle.as_mut().filter(|_| self.failed.is_none()) else {
             return false;
         };
