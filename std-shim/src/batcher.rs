@@ -880,10 +880,6 @@ mod tests {
         }
     }
 
-    /// The fields that a producer reads when it seals a batch share no
-    /// 128-byte block (a line and its pair, which Intel's adjacent-line
-    /// prefetcher fetches together) with what the handler's thread writes
-    /// for every batch.
     /// While blocked producers may help, the worker's `handle_sealed`
     /// hands one batch to the handler and lets go of it, instead of going
     /// on to the next batch: holding the handler across batches shut
@@ -920,6 +916,11 @@ mod tests {
         assert_eq!(b.close().unwrap().items, 3);
     }
 
+    /// The fields that a producer reads when it seals a batch share no
+    /// 128-byte block (a line and its pair, which Intel's adjacent-line
+    /// prefetcher fetches together) with what the handler's thread writes
+    /// for every batch.
+    ///
     /// Only where `CachePadded` pads to 128 bytes.
     #[test]
     #[cfg(any(
