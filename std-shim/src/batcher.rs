@@ -905,13 +905,13 @@ mod tests {
         (0..3).for_each(|i| b.try_add(i).unwrap()); // three sealed batches
         let blocked = Blocked::join(&shared.watch);
         assert!(shared.may_help());
-        assert!(consumer.handle_sealed(shared, false));
+        assert!(consumer.handle_sealed(shared, u64::MAX));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), [0], "one batch only");
         drop(blocked);
         assert!(!shared.may_help());
-        assert!(consumer.handle_sealed(shared, false));
+        assert!(consumer.handle_sealed(shared, u64::MAX));
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), [1, 2], "the rest");
-        assert!(!consumer.handle_sealed(shared, false), "none left");
+        assert!(!consumer.handle_sealed(shared, u64::MAX), "none left");
         drop(consumer);
         assert_eq!(b.close().unwrap().items, 3);
     }
@@ -1042,6 +1042,75 @@ mod tests {
             assert!(done_rx.recv_timeout(Duration::from_secs(60)).is_ok());
         }
         assert_eq!(batcher.close().unwrap().items, 12);
+    }
+
+    /// A partial batch is sealed when its linger runs out even while full
+    /// batches keep the worker busy: a producer keeps the queue full on one
+    /// shard (a handler call takes 2 ms), a lone item waits on another.
+    /// (Before 2026-11-28 the worker looked at the linger clocks only when
+    /// it found no sealed batch, and the lone item waited for the busy
+    /// producer to stop.) With 64 shards the lone item's thread keeps shard
+    /// 63, which the busy producer takes only on a CPU numbered 63 or more.
+    #[test]
+    fn linger_seals_a_partial_batch_while_full_batches_keep_coming() {
+        const LONE: u64 = u64::MAX;
+        let (tx, rx) = mpsc::channel();
+        let b = Arc::new(
+            Batcher::<u64>::builder()
+                .batch_size(100)
+                .queue_size(400)
+                .linger(Duration::from_millis(20))
+                .shards(64)
+                .help_when_blocked(Help::Never)
+                .spawn(move |batch| {
+                    thread::sleep(Duration::from_millis(2));
+                    if batch.contains(&LONE) {
+                        let _ = tx.send(Instant::now());
+                    }
+                    Ok::<(), String>(())
+                })
+                .unwrap(),
+        );
+        assert_eq!(b.shards(), 64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy = {
+            let (b, stop) = (Arc::clone(&b), Arc::clone(&stop));
+            thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Relaxed) {
+                    b.add(n).unwrap();
+                    n += 1;
+                }
+            })
+        };
+        // The queue is full and stays so.
+        while b.stats().held < 300 {
+            thread::yield_now();
+        }
+        let added = loop {
+            let (b, (at_tx, at_rx)) = (Arc::clone(&b), mpsc::channel());
+            thread::spawn(move || {
+                if crate::bias::thread_number() & 63 == 63 {
+                    b.add(LONE).unwrap();
+                    at_tx.send(Instant::now()).unwrap();
+                }
+            })
+            .join()
+            .unwrap();
+            if let Ok(at) = at_rx.try_recv() {
+                break at;
+            }
+        };
+        let arrived = rx.recv_timeout(Duration::from_secs(10));
+        stop.store(true, Relaxed);
+        busy.join().unwrap();
+        let waited =
+            arrived.expect("the lone item came only after the busy producer stopped") - added;
+        assert!(
+            waited < Duration::from_secs(2),
+            "the lone item waited {waited:?}"
+        );
+        b.close().unwrap();
     }
 
     /// Spawns threads until one has fixed shard `shard` (of 2: a thread

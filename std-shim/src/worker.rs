@@ -80,12 +80,13 @@ impl<T> Consumer<T> {
     }
 
     /// Hands the sealed batches to the handler, oldest first, until none is
-    /// left, or after the first with `one` or while blocked producers may
+    /// left, or after the first once [`Shared::now_nanos`] reaches `until`
+    /// (0: one batch; `u64::MAX`: never) or while blocked producers may
     /// help ([`Shared::may_help`]). Each batch after the first is taken as
     /// the one before hands its buffer back, under one hold of the queue
     /// lock ([`Batch::take_next`](snail::Batch::take_next)). `false` if
     /// there was none, or a handler panicked (now or before).
-    pub(crate) fn handle_sealed(&mut self, shared: &Shared<T>, one: bool) -> bool {
+    pub(crate) fn handle_sealed(&mut self, shared: &Shared<T>, until: u64) -> bool {
         let Some(handle) = self.handle.as_mut().filter(|_| self.failed.is_none()) else {
             return false;
         };
@@ -109,8 +110,9 @@ impl<T> Consumer<T> {
             };
             // The worker lets go of the handler between batches while
             // producers may help: holding it across batches would keep
-            // them out for as long as batches keep coming.
-            next = if one || shared.may_help() {
+            // them out for as long as batches keep coming. It stops when a
+            // linger clock may have run out, too.
+            next = if shared.may_help() || is_due(shared, until) {
                 drop(batch);
                 None
             } else {
@@ -156,7 +158,7 @@ pub(crate) fn help<T>(shared: &Shared<T>) -> bool {
     let Some(mut consumer) = shared.try_lock_consumer() else {
         return false;
     };
-    let handled = consumer.handle_sealed(shared, true);
+    let handled = consumer.handle_sealed(shared, 0);
     if consumer.failed.is_some() {
         // The worker returns the error; wake it to do so (`fail` has set
         // `closing`, which a worker about to park sees).
@@ -195,6 +197,9 @@ pub(crate) fn run<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
 fn work<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
     // The linger stamps as last read, one per shard (allocated once).
     let mut seen = vec![0u64; shared.opened.len()];
+    // When a partial batch's linger may run out next (`now_nanos`): the
+    // worker looks at the clocks then even while batches keep coming.
+    let mut linger_due = if shared.linger.is_some() { 0 } else { u64::MAX };
     loop {
         // Read before draining: once `closing` is set every accepted item
         // is in a sealed batch, so the drain below finds them all. A batch
@@ -204,11 +209,14 @@ fn work<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
         let closing = shared.closing.load(SeqCst);
         loop {
             let mut consumer = shared.lock_consumer();
-            let handled = consumer.handle_sealed(shared, false);
+            let handled = consumer.handle_sealed(shared, linger_due);
             if let Some(failed) = &consumer.failed {
                 return Err(failed.clone());
             }
             if handled {
+                if is_due(shared, linger_due) {
+                    break;
+                }
                 continue;
             }
             if closing {
@@ -224,6 +232,9 @@ fn work<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
         if let Some(linger) = shared.linger {
             let linger = u64::try_from(linger.as_nanos()).unwrap_or(u64::MAX);
             let now = shared.now_nanos();
+            // A batch opened after its shard is read below runs out
+            // `linger` from about now, or later.
+            let mut next_due = now.saturating_add(linger);
             for (shard, opened) in shared.opened.iter().enumerate() {
                 let stamp = opened.load(SeqCst);
                 seen[shard] = stamp;
@@ -233,6 +244,7 @@ fn work<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
                 let due = (stamp - 1).saturating_add(linger);
                 if now < due {
                     park = park.min(Duration::from_nanos(due - now));
+                    next_due = next_due.min(due);
                     continue;
                 }
                 // Clear, then seal: a batch opened after the flush sets a
@@ -246,6 +258,7 @@ fn work<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
                 }
                 lingered = true;
             }
+            linger_due = next_due;
         }
         if lingered {
             continue;
@@ -276,6 +289,12 @@ fn work<T>(shared: &Shared<T>) -> Result<Report, HandlerPanicked> {
         thread::park_timeout(park);
         shared.worker_idle.store(false, Relaxed);
     }
+}
+
+/// `true` if `until` has come (see [`Consumer::handle_sealed`]).
+#[inline]
+fn is_due<T>(shared: &Shared<T>, until: u64) -> bool {
+    until == 0 || (until != u64::MAX && shared.now_nanos() >= until)
 }
 
 /// Yields until a sealed batch shows up (`true`) or [`POLL_BEFORE_PARK`]
