@@ -80,7 +80,8 @@ pub struct Stats {
     pub refused: u64,
     /// Batches sealed because they were full.
     pub sealed_full: u64,
-    /// Partial batches sealed by `flush`, linger or close.
+    /// Partial batches sealed by `flush`, linger or close, after a handler
+    /// panic, or as a thread moved to another shard.
     pub sealed_partial: u64,
     /// Of those, sealed because their linger ran out.
     pub lingered: u64,
@@ -108,8 +109,9 @@ pub enum Help {
     /// fewer producers than CPUs this is [`Never`](Self::Never).
     #[default]
     WhenOversubscribed,
-    /// Whenever a producer is blocked (and no other thread is running the
-    /// handler).
+    /// Whenever a producer is blocked and watching for a buffer (the first
+    /// few blocked, after a short spin; sleepers do not help), a sealed batch
+    /// waits, and no other thread is running the handler.
     Always,
 }
 
@@ -270,16 +272,18 @@ impl<T: Send + 'static> Builder<T> {
     /// Room for sealed batches waiting for the worker (default 2000), beyond
     /// the batches being filled, one per shard: `buffers = shards +
     /// ceil(queue_size / batch_size)` (as in Go snail, which has one shard).
-    /// 0 means one buffer per shard: producers wait whenever the worker
-    /// holds one.
+    /// 0 means one buffer per shard: producers may wait whenever the worker
+    /// holds one (the buffers are shared by all shards).
     pub fn queue_size(mut self, items: usize) -> Self {
         self.queue_size = items;
         self
     }
 
     /// How long a partial batch may wait for more items, counted from its
-    /// first item (default 10 ms). `Duration::ZERO` hands a partial batch to
-    /// the worker as soon as it is free; `Duration::MAX` disables linger
+    /// first item (default 10 ms). The worker seals it then, or after the
+    /// handler call under way then returns, and it queues behind the batches
+    /// sealed before it. `Duration::ZERO` hands a partial batch to the
+    /// worker as soon as it is free; `Duration::MAX` disables linger
     /// (partial batches wait for [`Batcher::flush`] or close).
     pub fn linger(mut self, linger: Duration) -> Self {
         self.linger = linger;
@@ -727,7 +731,9 @@ impl<T> Batcher<T> {
         self.shared.core.is_closed()
     }
 
-    /// A snapshot of the counters.
+    /// A snapshot of the counters. It takes each shard's lock to count the
+    /// items held, so a thread that owns a shard's biased lock loses it:
+    /// polled often, it slows the producers down.
     pub fn stats(&self) -> Stats {
         let core = self.shared.core.stats();
         let s = &*self.shared;

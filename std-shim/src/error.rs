@@ -98,7 +98,9 @@ impl std::error::Error for BuildError {
 ///
 /// After the panic the worker stopped calling the handler, the batcher was
 /// closed (blocked and later adds got [`Closed`] back), and every item still
-/// held was dropped and counted here.
+/// held was dropped and counted here. An item whose destructor panics as
+/// the items a handler left in its batch are dropped counts as a panic of
+/// that handler call, even if the handler returned `Ok`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerPanicked {
     /// The panic's message (its payload if that was a string).

@@ -58,8 +58,10 @@
 //! - `add` blocks while every buffer is in use (it is not lock-free): it
 //!   spins briefly, yields, then sleeps until the worker frees a buffer (or,
 //!   see [`Help`], handles a sealed batch itself).
-//! - A partial batch reaches the worker at most `linger` after its first item
-//!   was added (plus scheduling delay).
+//! - A partial batch is sealed at most `linger` after its first item was
+//!   added, plus scheduling delay and the handler call under way then (the
+//!   worker looks at the linger clocks between batches); it reaches the
+//!   handler after the batches sealed before it.
 //! - [`close`](Batcher::close) and drop deliver everything accepted before
 //!   them; later adds fail with [`Closed`] and hand the item back.
 
