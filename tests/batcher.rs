@@ -284,17 +284,30 @@ fn add_waits_for_a_free_buffer() {
     assert_eq!(b.stats().refused, 0, "waiting in add is not a refusal");
 }
 
+/// Yields, counting its calls: `add` calls it only while it waits for a
+/// buffer (the lock is `YieldLock`, whose waits are not counted).
+struct CountedWait;
+
+static WAITS: AtomicUsize = AtomicUsize::new(0);
+
+impl Relax for CountedWait {
+    fn relax() {
+        WAITS.fetch_add(1, Ordering::SeqCst);
+        std::thread::yield_now();
+    }
+}
+
+/// The waiter is waiting in `add` (it has relaxed at least once) when the
+/// batcher closes: it gets its item back.
 #[test]
 fn add_returns_closed_when_closed_while_waiting() {
-    let b: Batcher<Box<u32>, 1, 1, YieldLock, YieldNow> = Batcher::new();
+    let b: Batcher<Box<u32>, 1, 1, YieldLock, CountedWait> = Batcher::new();
     b.add(Box::new(1)).unwrap();
-    let started = AtomicBool::new(false);
+    assert_eq!(WAITS.load(Ordering::SeqCst), 0, "a free buffer: no wait");
     std::thread::scope(|s| {
-        let waiter = s.spawn(|| {
-            started.store(true, Ordering::Release);
-            b.add(Box::new(2))
-        });
-        while !started.load(Ordering::Acquire) {
+        let waiter = s.spawn(|| b.add(Box::new(2)));
+        while WAITS.load(Ordering::SeqCst) == 0 {
+            assert!(!waiter.is_finished(), "add returned without waiting");
             std::thread::yield_now();
         }
         b.close();
