@@ -3,7 +3,7 @@
 //! Back-pressure: the in-flight bound under a slow handler, `try_add` and
 //! `add_timeout` on a full batcher, and the CPU a blocked producer uses.
 
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicI64, Ordering::SeqCst};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,19 +51,14 @@ fn in_flight_never_exceeds_capacity_under_a_slow_handler() {
     assert_eq!(b.buffers(), 3 + b.shards());
     assert_eq!(capacity, 8 * b.buffers() as i64);
 
-    let max_held_stat = AtomicUsize::new(0);
     std::thread::scope(|s| {
         for _ in 0..PRODUCERS {
-            let (b, accepted, sample, max_held_stat) =
-                (&b, &accepted, sample.clone(), &max_held_stat);
+            let (b, accepted, sample) = (&b, &accepted, sample.clone());
             s.spawn(move || {
                 for i in 0..PER {
                     b.add(i).unwrap();
                     accepted.fetch_add(1, SeqCst);
                     sample();
-                    if i % 16 == 0 {
-                        max_held_stat.fetch_max(b.stats().held as usize, SeqCst);
-                    }
                 }
             });
         }
@@ -71,13 +66,11 @@ fn in_flight_never_exceeds_capacity_under_a_slow_handler() {
     let report = b.close().unwrap();
     assert_eq!(report.items, PRODUCERS as u64 * PER as u64);
     let max = max_seen.load(SeqCst);
-    let max_held = max_held_stat.load(SeqCst);
-    eprintln!("capacity {capacity}: max accepted-but-unhandled {max}, max stats.held {max_held}");
+    eprintln!("capacity {capacity}: max accepted-but-unhandled {max}");
     assert!(
         max <= capacity,
         "{max} items in flight, capacity {capacity}"
     );
-    assert!(max_held as i64 <= capacity, "stats.held reached {max_held}");
     // The bound was actually reached for (the buffers filled up).
     assert!(
         max > capacity / 2,
@@ -119,7 +112,7 @@ fn try_add_and_add_timeout_report_full() {
         Err(TryAddError::Full(s)) => assert_eq!(s, "try"),
         other => panic!("try_add on a full batcher: {other:?}"),
     }
-    assert!(b.stats().refused >= 1);
+    assert_eq!(b.stats().refused, 1);
 
     let timeout = Duration::from_millis(200);
     let t0 = Instant::now();
