@@ -779,10 +779,10 @@ fn dropping_a_batcher_with_flushed_ticked_and_sharded_batches() {
     {
         let b: ShardedBatcher<Tracked, 3, 6, 3> = ShardedBatcher::new();
         b.producer(0).try_add(Tracked::new(0)).unwrap();
-        b.flush(); // sealed by flush
+        assert!(b.flush()); // sealed by flush
         b.producer(1).try_add(Tracked::new(1)).unwrap();
-        b.tick();
-        b.tick(); // sealed by tick
+        assert!(!b.tick()); // marks it
+        assert!(b.tick()); // sealed by tick
         b.producer(2).try_add_many(&tracked(2..6)); // 1 full + partial [5]
         b.producer(0).try_add(Tracked::new(6)).unwrap(); // partial on shard 0
         let taken = b.try_take().unwrap(); // [0]: taken, dropped below
@@ -1627,7 +1627,24 @@ mod biased {
         }
     }
 
-    type Lock = BiasedLock<StdBias>;
+    /// [`StdBias`] that counts the ownerships taken away (its heavy fences).
+    struct Counted;
+
+    static REVOKED: AtomicUsize = AtomicUsize::new(0);
+
+    // SAFETY: `StdBias`'s slots and fences; `heavy` also counts.
+    unsafe impl Bias for Counted {
+        fn slot() -> &'static BiasSlot {
+            StdBias::slot()
+        }
+        fn light() {
+            std::sync::atomic::fence(Ordering::SeqCst);
+        }
+        fn heavy() {
+            REVOKED.fetch_add(1, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
+        }
+    }
 
     /// A counter that is only ever touched under `lock`.
     struct Guarded<B = StdBias> {
@@ -1720,39 +1737,70 @@ mod biased {
         assert_eq!(g.total(), alone + 4 * each);
     }
 
-    /// Threads take turns: each runs alone for a while (long enough to own
-    /// the lock), then hands over, so ownership moves from thread to thread.
+    /// Threads take turns: each runs alone for a while, then hands over, so
+    /// ownership moves from thread to thread. A turn of 5000 entries owns
+    /// the lock for more than 4096 of them, so the next owner needs only 64
+    /// again: every turn ends with the lock biased. (Under Miri, turns of
+    /// 80: only the first ends biased, as the short biases double what the
+    /// next owner needs.)
     #[test]
     fn ownership_moves_between_threads() {
         let g: Guarded = Guarded::new();
         let turn = AtomicUsize::new(0);
-        let (threads, rounds, run) = if cfg!(miri) { (2, 2, 80) } else { (4, 50, 500) };
+        let biased = AtomicUsize::new(0);
+        let (threads, rounds, run) = if cfg!(miri) {
+            (2, 2, 80)
+        } else {
+            (4, 20, 5000)
+        };
         std::thread::scope(|s| {
             for t in 0..threads {
-                let (g, turn) = (&g, &turn);
+                let (g, turn, biased) = (&g, &turn, &biased);
                 s.spawn(move || {
                     for r in 0..rounds {
                         while turn.load(Ordering::Acquire) != r * threads + t {
                             std::thread::yield_now();
                         }
                         (0..run).for_each(|_| g.bump());
+                        if g.lock.is_biased() {
+                            biased.fetch_add(1, Ordering::Relaxed);
+                        }
                         turn.fetch_add(1, Ordering::Release);
                     }
                 });
             }
         });
         assert_eq!(g.total(), (threads * rounds * run) as u64);
+        let turns = if cfg!(miri) { 1 } else { threads * rounds };
+        assert_eq!(biased.load(Ordering::Relaxed), turns, "turns ending biased");
     }
 
     /// A sharded batcher on biased locks, as the std shim builds it: four
-    /// producers on two shards and a consumer that flushes (revoking the
-    /// owners) whenever it finds nothing sealed. Every item once, in order.
+    /// producers on two shards, a consumer, and a thread that flushes the
+    /// shards while they run, taking the ownership from whoever holds it
+    /// (the revocations are counted: some must happen, outside Miri's
+    /// short run). Every item once, in order.
     #[test]
     fn sharded_batcher_on_biased_locks() {
-        let b: ShardedBatcher<u64, 32, 6, 2, Lock> = ShardedBatcher::new();
+        let b: ShardedBatcher<u64, 32, 6, 2, BiasedLock<Counted>> = ShardedBatcher::new();
         let n = if cfg!(miri) { 100 } else { 50_000 };
-        many_producers_one_consumer(&b, 4, n, |p| p % 2);
-        assert_eq!(b.stats().added, 4 * n as usize);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(Ordering::Acquire) {
+                    b.flush();
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            });
+            many_producers_one_consumer(&b, 4, n, |p| p % 2);
+            done.store(true, Ordering::Release);
+        });
+        let revoked = REVOKED.load(Ordering::SeqCst);
+        eprintln!("biased sharded batcher: {revoked} revocations");
+        assert!(
+            cfg!(miri) || revoked > 0,
+            "no lock was ever biased and revoked"
+        );
     }
 
     /// A bias that lasted (4096 entries or more) is granted again after 64
@@ -1833,6 +1881,7 @@ mod biased {
         for _ in 0..200 {
             g.bump();
         }
+        assert!(g.lock.is_biased(), "this thread owns the lock");
         let r = catch_unwind(AssertUnwindSafe(|| g.lock.lock(|| panic!("inside"))));
         assert!(r.is_err());
         g.bump();
