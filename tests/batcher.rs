@@ -542,7 +542,7 @@ fn close_seals_the_partial_batch_and_refuses_from_then_on() {
 }
 
 #[test]
-fn close_with_nothing_partial_seals_nothing() {
+fn close_seals_only_the_shards_with_a_partial_batch() {
     let b: ShardedBatcher<u32, 2, 3, 3> = ShardedBatcher::new();
     b.producer(1).try_add(1).unwrap();
     b.close();

@@ -744,12 +744,14 @@ fn builder_accepts_edge_sizes() {
         b.add(i).unwrap();
     }
     assert_eq!(b.close().unwrap().items, 10);
-    // batch_size 1, queue_size usize::MAX - 1 overflows nothing but is too large.
-    assert!(Batcher::<u8>::builder()
-        .batch_size(usize::MAX)
-        .queue_size(usize::MAX)
-        .spawn(|_| Ok::<(), String>(()))
-        .is_err());
+    // Buffers of usize::MAX items: far more than memory can hold.
+    assert!(matches!(
+        Batcher::<u8>::builder()
+            .batch_size(usize::MAX)
+            .queue_size(usize::MAX)
+            .spawn(|_| Ok::<(), String>(())),
+        Err(snail_std::BuildError::TooLarge)
+    ));
 }
 
 // ---- adds from thread-local destructors ------------------------------------

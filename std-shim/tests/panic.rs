@@ -6,7 +6,7 @@
 //! accounted for:
 //! delivered + in the panicking batch + dropped + refused == offered.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -238,13 +238,17 @@ fn drop_after_handler_panic_does_not_panic() {
     drop(b); // reports on stderr, must not panic
 }
 
-/// Panics on drop when it holds `true`.
-struct Bomb(bool);
+/// Panics on drop when armed with a flag (and not already unwinding),
+/// after raising the flag.
+struct Bomb(Option<&'static AtomicBool>);
 
 impl Drop for Bomb {
     fn drop(&mut self) {
-        if self.0 && !std::thread::panicking() {
-            panic!("a bomb went off");
+        if let Some(went_off) = self.0 {
+            if !std::thread::panicking() {
+                went_off.store(true, SeqCst);
+                panic!("a bomb went off");
+            }
         }
     }
 }
@@ -254,7 +258,8 @@ impl Drop for Bomb {
 /// report said nothing was delivered.)
 #[test]
 fn a_panicking_handler_destructor_is_reported_with_what_was_delivered() {
-    let state = Bomb(true);
+    static HANDLER_BOMB: AtomicBool = AtomicBool::new(false);
+    let state = Bomb(Some(&HANDLER_BOMB));
     let b = Batcher::<u32>::builder()
         .batch_size(2)
         .spawn(move |_batch| {
@@ -267,6 +272,7 @@ fn a_panicking_handler_destructor_is_reported_with_what_was_delivered() {
     }
     let err = b.close().unwrap_err();
     assert_eq!(err.message, "a bomb went off");
+    assert!(HANDLER_BOMB.load(SeqCst));
     assert_eq!((err.batch_items, err.dropped_items), (0, 0));
     assert_eq!((err.report.items, err.report.batches), (10, 5));
     assert_eq!(b.close().unwrap_err(), err, "the same outcome again");
@@ -279,6 +285,7 @@ fn a_panicking_handler_destructor_is_reported_with_what_was_delivered() {
 /// worker and was reported instead.)
 #[test]
 fn an_item_panicking_as_it_is_dropped_after_a_handler_panic_is_counted() {
+    static ITEM_BOMB: AtomicBool = AtomicBool::new(false);
     let (gate_tx, gate_rx) = mpsc::channel::<()>();
     let b = Batcher::<Bomb>::builder()
         .batch_size(2)
@@ -293,10 +300,10 @@ fn an_item_panicking_as_it_is_dropped_after_a_handler_panic_is_counted() {
             Ok::<(), String>(())
         })
         .unwrap();
-    b.add_many([Bomb(false), Bomb(false)]).unwrap(); // delivered
-    b.add(Bomb(false)).unwrap();
+    b.add_many([Bomb(None), Bomb(None)]).unwrap(); // delivered
+    b.add(Bomb(None)).unwrap();
     b.flush(); // [false]: the handler panics on it
-    b.add_many([Bomb(true), Bomb(false)]).unwrap(); // dropped after the panic
+    b.add_many([Bomb(Some(&ITEM_BOMB)), Bomb(None)]).unwrap(); // dropped after the panic
     for _ in 0..2 {
         gate_tx.send(()).unwrap();
     }
@@ -304,6 +311,10 @@ fn an_item_panicking_as_it_is_dropped_after_a_handler_panic_is_counted() {
     assert_eq!(err.message, "the handler fails");
     assert_eq!((err.batch_items, err.dropped_items), (1, 2));
     assert_eq!((err.report.items, err.report.batches), (2, 1));
+    assert!(
+        ITEM_BOMB.load(SeqCst),
+        "the item's destructor did not panic"
+    );
 }
 
 /// Panics whenever it is dropped with `true`, even while a panic unwinds
