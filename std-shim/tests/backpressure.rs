@@ -198,14 +198,19 @@ fn blocked_producer_sleeps() {
     );
 
     let (cpu, blocked) = std::thread::scope(|s| {
-        let producer = s.spawn(|| {
+        let (adding_tx, adding_rx) = mpsc::channel();
+        let b = &b;
+        let producer = s.spawn(move || {
             let before = thread_cpu_ns().unwrap();
             let t0 = Instant::now();
+            adding_tx.send(()).unwrap();
             b.add("blocked".into()).unwrap();
             let blocked = t0.elapsed();
             let after = thread_cpu_ns().unwrap();
             (Duration::from_nanos(after - before), blocked)
         });
+        // The gate opens a second after the producer's clock started.
+        adding_rx.recv().unwrap();
         std::thread::sleep(Duration::from_secs(1));
         gate.send(()).unwrap();
         producer.join().unwrap()
