@@ -1,8 +1,10 @@
 #![allow(unexpected_cfgs)]
 #![cfg(not(snail_loom))]
 //! Far more producers than cores: 64 threads on a small machine finish
-//! promptly (blocked producers sleep instead of burning the cores the worker
-//! needs) and lose nothing.
+//! within a minute, each producer's items in order, and lose nothing. (That
+//! blocked producers sleep instead of burning the cores the worker needs is
+//! checked by `backpressure::blocked_producer_sleeps`; a minute is too
+//! coarse a bound to catch spinning.)
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
