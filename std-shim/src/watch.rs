@@ -82,6 +82,10 @@ struct Counts {
     /// Bumped whenever a buffer is freed, a sleeper is called to the watch,
     /// or the batcher closes: a sleeper sleeps only while it is unchanged.
     signals: AtomicUsize,
+    /// Sleepers that have left their sleep for the watch, for tests (a
+    /// plain atomic: loom need not model it).
+    #[cfg(test)]
+    woken: std::sync::atomic::AtomicUsize,
 }
 
 impl Watch {
@@ -93,6 +97,8 @@ impl Watch {
                 watching: AtomicUsize::new(0),
                 sleeping: AtomicUsize::new(0),
                 signals: AtomicUsize::new(0),
+                #[cfg(test)]
+                woken: std::sync::atomic::AtomicUsize::new(0),
             }),
             lock: Mutex::new(()),
             cv: Condvar::new(),
@@ -114,6 +120,14 @@ impl Watch {
             c.sleeping.load(SeqCst),
             c.blocked.load(SeqCst),
         )
+    }
+
+    /// How many sleepers have left their sleep for the watch so far (woken,
+    /// timed out, or signalled before they slept), for tests: unlike
+    /// [`counts`](Self::counts) it cannot miss a short turn on the watch.
+    #[cfg(test)]
+    pub(crate) fn woken(&self) -> usize {
+        self.counts.woken.load(SeqCst)
     }
 
     /// A buffer was freed: a producer on the watch takes it; with nobody
@@ -217,6 +231,8 @@ impl<'a> Blocked<'a> {
         c.watching.fetch_add(1, SeqCst);
         c.sleeping.fetch_sub(1, SeqCst);
         self.asleep = false;
+        #[cfg(test)]
+        c.woken.fetch_add(1, SeqCst);
     }
 }
 
