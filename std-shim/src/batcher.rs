@@ -35,6 +35,10 @@ const SPINS: u32 = 32;
 /// on the watch longer: `STAYS_ON_WATCH`).
 const YIELDS: u32 = 200;
 
+/// While spinning and yielding, a blocked `add` retries when a buffer is
+/// free, and after this many failed attempts without one.
+const RECHECK: u32 = 16;
+
 #[cfg(test)]
 thread_local! {
     /// Set by a unit test on a producer thread that must stay on the watch
@@ -51,9 +55,7 @@ fn stays_on_watch() -> bool {
     #[cfg(not(test))]
     false
 }
-/// While spinning and yielding, a blocked `add` retries when a buffer is
-/// free, and after this many failed attempts without one.
-const RECHECK: u32 = 16;
+
 /// The most shards a batcher has by default (one per CPU up to this), and
 /// at all.
 const MAX_DEFAULT_SHARDS: usize = 64;
