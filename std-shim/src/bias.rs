@@ -84,7 +84,8 @@ fn next_number(next: &AtomicUsize) -> usize {
 
 /// Slots of finished threads, handed to new ones. Locks keep referring to
 /// the slot of their last owner, so slots are never freed: a process holds
-/// as many as it ever ran threads at once.
+/// as many as it ever ran threads at once, plus one for each thread that
+/// added from a thread-local destructor after its slot went back.
 static SLOTS: Mutex<Vec<&'static BiasSlot>> = Mutex::new(Vec::new());
 
 /// A thread's slot; goes back to [`SLOTS`] when the thread ends.
@@ -121,17 +122,15 @@ thread_local! {
 }
 
 /// The calling thread's slot, for a call that did not find it in `CACHED`:
-/// takes `SLOT` (and caches it), or while thread-locals are being destroyed
-/// a new slot of its own.
+/// takes `SLOT`, or once `SLOT` is destroyed (a later thread-local
+/// destructor adds) a new slot, never pooled; either is cached for the
+/// thread's later calls. So a thread leaks at most one slot, however often
+/// its last destructors add.
 #[cold]
 fn uncached_slot() -> &'static BiasSlot {
-    match SLOT.try_with(|s| s.0) {
-        Ok(slot) => {
-            CACHED.set(Some(slot));
-            slot
-        }
-        Err(_) => new_slot(),
-    }
+    let slot = SLOT.try_with(|s| s.0).unwrap_or_else(|_| new_slot());
+    CACHED.set(Some(slot));
+    slot
 }
 
 /// The shim's [`Bias`]: a slot per thread, from a pool, and `membarrier`.
@@ -141,11 +140,12 @@ pub struct ThreadBias;
 // SAFETY: a thread's slot is its own from its first use until its
 // thread-locals are destroyed; the pool's mutex orders the hand-over to a
 // later thread. A thread whose slot is already gone (a lock taken by
-// another thread-local's destructor) gets a new slot on every call, which
-// nobody else ever uses. The fences: the pair is needed only in threads
-// using a slot that a lock made its owner, which it did after some `grant`
-// read `EXPEDITED`. That is final (the state moves from `UNKNOWN` to one
-// value, by a compare-exchange: the first answer stays): the process is
+// another thread-local's destructor) gets a new slot, never pooled, which
+// it keeps (in `CACHED`) and no other thread ever uses. The fences: the
+// pair is needed only in threads using a slot that a lock made its owner,
+// which it did after some `grant` read `EXPEDITED`. That is final (the
+// state moves from `UNKNOWN` to one value, by a compare-exchange: the first
+// answer stays): the process is
 // registered, for every thread in it (also one that inherits a slot from
 // the pool), and a heavy fence, which probes first if it reads `UNKNOWN`,
 // issues the system call. That makes every other running thread of the
@@ -223,5 +223,47 @@ mod sys {
 
     pub(super) fn barrier() {
         unreachable!("membarrier is only registered on Linux")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::thread;
+
+    /// Runs `f` in a new thread from a thread-local destructor that runs
+    /// after `SLOT`'s (registered before it: a thread's destructors run in
+    /// the reverse order of registration), and returns what `f` returned.
+    fn after_slot_is_gone(f: fn() -> bool) -> bool {
+        struct Late(fn() -> bool, mpsc::Sender<(bool, bool)>);
+        impl Drop for Late {
+            fn drop(&mut self) {
+                let gone = SLOT.try_with(|_| ()).is_err();
+                let _ = self.1.send((gone, (self.0)()));
+            }
+        }
+        thread_local!(static LATE: Cell<Option<Late>> = const { Cell::new(None) });
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            LATE.set(Some(Late(f, tx)));
+            ThreadBias::slot();
+        })
+        .join()
+        .unwrap();
+        let (gone, result) = rx.recv().unwrap();
+        assert!(gone, "the destructor ran before SLOT's: nothing was tested");
+        result
+    }
+
+    /// A thread whose slot went back to the pool (its thread-locals are
+    /// being destroyed) and that still adds gets one slot of its own for
+    /// the rest of its life, not a new (leaked) slot on every add.
+    #[test]
+    fn late_calls_share_one_slot() {
+        assert!(after_slot_is_gone(|| {
+            let first: *const BiasSlot = ThreadBias::slot();
+            (0..100).all(|_| core::ptr::eq(ThreadBias::slot(), first))
+        }));
     }
 }
